@@ -1,0 +1,154 @@
+"""HQ/LQ calibration sets on disk.
+
+    <out>/hq/00000.png  <out>/lq/00000.png  ...  <out>/manifest.json
+
+The manifest records the sources (with SHA-256), seed, size, degradation ranges and each
+item's drawn parameters. A build writes into ``<out>.partial/`` and renames it into place when
+complete; rerunning an interrupted build with the same settings resumes from the images already
+written (each image depends only on (seed, index), so resumed sets are identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from calibration.degrade import DegradationConfig, degrade
+from toolchain.errors import InputError
+from toolchain.io.atomic import atomic_write_json
+from toolchain.io.images import list_images, load_image, save_image
+
+MANIFEST_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Center-crop to a square and resize to ``size`` (Lanczos)."""
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = rgb[top : top + s, left : left + s]
+    im = Image.fromarray((np.clip(crop, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if s != size:
+        im = im.resize((size, size), Image.LANCZOS)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def build_calibration_set(
+    hq_inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    n: int,
+    size: int,
+    seed: int = 0,
+    config: DegradationConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build ``n`` HQ/LQ pairs from HQ face images (cycled, with flips, if n > sources)."""
+    config = config or DegradationConfig()
+    out = Path(out)
+    sources = list_images(list(hq_inputs))
+    if n < 1:
+        raise InputError("the calibration set needs at least one image (-n >= 1)")
+    if size < 16:
+        raise InputError(f"--size {size} is too small (minimum 16)")
+    partial = out.parent / (out.name + ".partial")
+    settings = {"seed": seed, "size": size, "count": n, "degradation": config.to_dict(), "sources": [str(p) for p in sources]}
+    state_file = partial / "settings.json"
+    if partial.exists():
+        try:
+            same = json.loads(state_file.read_text()) == settings
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    (partial / "hq").mkdir(parents=True, exist_ok=True)
+    (partial / "lq").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state_file, settings)
+    hashes = {str(p): _sha256(p) for p in sources}
+    items = []
+    for i in tqdm(range(n), desc="building calibration set", disable=not progress):
+        src = sources[i % len(sources)]
+        flip = bool((i // len(sources)) % 2)
+        name = f"{i:05d}.png"
+        lq_path, hq_path, params_path = partial / "lq" / name, partial / "hq" / name, partial / "lq" / f"{i:05d}.json"
+        if lq_path.exists() and hq_path.exists() and params_path.exists():
+            params = json.loads(params_path.read_text())
+        else:
+            hq = square_resize(load_image(src).rgb, size)
+            if flip:
+                hq = hq[:, ::-1].copy()
+            lq, params = degrade(hq, seed, i, config)
+            save_image(hq_path, hq)
+            save_image(lq_path, lq)
+            atomic_write_json(params_path, params)
+        items.append({"index": i, "file": name, "source": src.name, "source_sha256": hashes[str(src)], "flip": flip, "params": params})
+    for p in (partial / "lq").glob("*.json"):
+        p.unlink()
+    state_file.unlink()
+    manifest = {"version": MANIFEST_VERSION, "kind": "quantface-calibration-set", "seed": seed, "size": size, "count": n,
+                "degradation": config.to_dict(), "items": items}
+    atomic_write_json(partial / "manifest.json", manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
+
+
+@dataclass
+class CalibrationSet:
+    """A built calibration set; images are returned as NCHW tensors in [-1, 1]."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "CalibrationSet":
+        root = Path(root)
+        mpath = root / "manifest.json"
+        if not mpath.is_file():
+            raise InputError(f"{root} is not a calibration set (no manifest.json); build one with `toolchain calibrate`")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{mpath} is unreadable: {exc}") from None
+        if manifest.get("kind") != "quantface-calibration-set" or manifest.get("version") != MANIFEST_VERSION:
+            raise InputError(f"{mpath} is not a version-{MANIFEST_VERSION} calibration manifest")
+        return cls(root, manifest)
+
+    def __len__(self) -> int:
+        return len(self.manifest["items"])
+
+    def names(self) -> list[str]:
+        return [it["file"] for it in self.manifest["items"]]
+
+    def _load(self, sub: str, i: int, size: int) -> torch.Tensor:
+        rgb = load_image(self.root / sub / self.manifest["items"][i]["file"]).rgb
+        t = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+        if t.shape[-1] != size or t.shape[-2] != size:
+            t = F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        return t * 2.0 - 1.0
+
+    def lq(self, i: int, size: int) -> torch.Tensor:
+        return self._load("lq", i, size)
+
+    def hq(self, i: int, size: int) -> torch.Tensor:
+        return self._load("hq", i, size)
+
+    def batches(self, size: int, batch_size: int = 4, limit: int | None = None, which: str = "lq", start: int = 0) -> list[torch.Tensor]:
+        idx = list(range(start, len(self) if limit is None else min(len(self), start + limit)))
+        load = self.lq if which == "lq" else self.hq
+        return [torch.cat([load(i, size) for i in idx[k : k + batch_size]]) for k in range(0, len(idx), batch_size)]

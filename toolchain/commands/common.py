@@ -1,0 +1,41 @@
+"""Argument helpers shared by several verbs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from toolchain.defaults import DEFAULT_MODEL
+from toolchain.errors import CheckpointError
+
+
+def add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"float model: .safetensors file, model dir or diffusers folder (default: bundled {DEFAULT_MODEL.name})")
+    p.add_argument("--preset", default=None, help="architecture preset for files that carry no config (tiny, ref, osdface)")
+    if checkpoint:
+        p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint directory (from `toolchain quantize`)")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+
+
+def resolve_model_path(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    if not DEFAULT_MODEL.is_file():
+        raise CheckpointError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model PATH")
+    return DEFAULT_MODEL
+
+
+def load_any_model(args: argparse.Namespace, device):
+    """The quantized checkpoint if --checkpoint is given, else the float model."""
+    from toolchain.models.storage import load_model
+    from toolchain.quant.checkpoint import load_quantized
+
+    if getattr(args, "checkpoint", None) is not None:
+        model, _ = load_quantized(args.checkpoint, device)
+        return model
+    return load_model(resolve_model_path(args.model), args.preset).to(device)

@@ -1,0 +1,47 @@
+"""`toolchain eval`: score the float model and quantized checkpoints on an HQ/LQ set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from toolchain.commands.common import add_runtime_args, resolve_model_path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate float and quantized models: metrics, accounting, image grid",
+                       description="Restore the LQ images of a calibration/eval set with the float model and each checkpoint, "
+                                   "score them against HQ and against the float output, count params/ops per layer, and write "
+                                   "report.json plus a grid PNG (LQ | FP | checkpoints | HQ).")
+    p.add_argument("--data", type=Path, required=True, help="HQ/LQ set folder (from `toolchain calibrate`)")
+    p.add_argument("--model", type=Path, default=None, help="float reference model (default: the checkpoint's source model, else bundled)")
+    p.add_argument("--preset", default=None, help="architecture preset for model files without config")
+    p.add_argument("--checkpoint", type=Path, action="append", default=[], help="quantized checkpoint dir; repeatable")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--metrics", default="psnr,ssim,st_lpips,fd_stlpips,lpips,fid", help="comma list (weights-dependent ones are skipped with a reason)")
+    p.add_argument("--weights-dir", type=Path, default=None, help="folder with metric backbone weights (LPIPS AlexNet, Inception)")
+    p.add_argument("--accounting-size", type=int, default=None, help="input size for params/ops accounting (default: model size)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for report.json and grid.png")
+    p.add_argument("--grid-rows", type=int, default=4)
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.eval.report import evaluate_to_folder
+
+    report = evaluate_to_folder(args)
+    for label, res in report["results"].items():
+        hq = res.get("vs_hq", {})
+        fp = res.get("vs_fp", {})
+        line = f"{label:>22}: vs HQ PSNR {hq.get('psnr', float('nan')):.2f} dB"
+        if "st_lpips" in hq:
+            line += f", ST-LPIPS {hq['st_lpips']:.4f}"
+        if fp:
+            line += f" | vs FP PSNR {fp.get('psnr', float('nan')):.2f} dB"
+        print(line)
+    print(f"report: {args.out / 'report.json'}  grid: {args.out / 'grid.png'}")
+    return 0
+
+
+__all__ = ["register", "run", "resolve_model_path"]

@@ -1,0 +1,50 @@
+"""`toolchain model`: create, inspect and convert float models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="create, inspect or convert float models",
+                       description="Create a randomly initialised model from a preset, print a model's architecture summary, "
+                                   "or convert between the single-file, directory and diffusers-folder formats.")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    init = msub.add_parser("init", help="write a randomly initialised model of a preset (for tests and timing)")
+    init.add_argument("--preset", required=True, help="tiny, ref or osdface")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--format", choices=["file", "dir", "diffusers"], default="file")
+    init.add_argument("--out", type=Path, required=True)
+    info = msub.add_parser("info", help="print a model's config and parameter counts")
+    info.add_argument("path", type=Path)
+    info.add_argument("--preset", default=None)
+    conv = msub.add_parser("convert", help="convert a model to another on-disk format")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("dst", type=Path)
+    conv.add_argument("--preset", default=None)
+    conv.add_argument("--format", choices=["file", "dir", "diffusers"], default="diffusers")
+    conv.add_argument("--fp16", action="store_true", help="store weights as float16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolchain.models import build_model, load_model, preset, save_model
+
+    if args.model_cmd == "init":
+        model = build_model(preset(args.preset), seed=args.seed)
+        save_model(model, args.out, args.format)
+        print(f"random {args.preset} model (seed {args.seed}) -> {args.out}")
+    elif args.model_cmd == "info":
+        model = load_model(args.path, args.preset)
+        parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "vae", "embedder")}
+        print(json.dumps({"name": model.config.name, "image_size": model.image_size, "timestep": model.config.timestep,
+                          "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
+    else:
+        model = load_model(args.src, args.preset)
+        save_model(model, args.dst, args.format, dtype=torch.float16 if args.fp16 else None)
+        print(f"{args.src} -> {args.dst} ({args.format})")
+    return 0

@@ -1,0 +1,98 @@
+"""`toolchain quantize`: float model + calibration set → quantized checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from toolchain.commands.common import add_model_args, add_runtime_args, resolve_model_path
+from toolchain.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with a registered method",
+                       description="Quantize a float model with a registered method and write a checkpoint directory "
+                                   "(model.safetensors + quant_config.json). `toolchain methods` lists methods and their parameters.")
+    add_model_args(p, checkpoint=False)
+    p.add_argument("--method", default="minmax", help="quantization method (default minmax; see `toolchain methods`)")
+    p.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w4a4, w6a6 (default w8a8)")
+    p.add_argument("--config", type=Path, default=None, help="full QuantConfig JSON (overrides --method/--bits)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (value parsed as JSON); repeatable")
+    p.add_argument("--include", action="append", default=None, metavar="REGEX", help="layers in scope (default: ^unet\\. and ^vae\\.)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="layers kept in float")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=wXaY", help="per-layer bits override, e.g. 'conv_in$=w8a8'")
+    p.add_argument("--mp-table", type=Path, default=None, help="mixed-precision table (mp_table.json) whose per-layer bits to apply")
+    p.add_argument("--calib", type=Path, required=True, help="calibration set folder (from `toolchain calibrate`)")
+    p.add_argument("--calib-limit", type=int, default=None, help="use only the first N calibration images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param expects KEY=VALUE, got '{item}'")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def build_config(args: argparse.Namespace):
+    from toolchain.quant.config import LayerRule, QuantConfig, parse_bits
+
+    if args.config is not None:
+        cfg = QuantConfig.load(args.config)
+    else:
+        cfg = QuantConfig.for_bits(args.method, args.bits)
+    if args.include:
+        cfg.include = list(args.include)
+    cfg.exclude += list(args.exclude)
+    for item in args.rule:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep:
+            raise ConfigError(f"--rule expects REGEX=wXaY, got '{item}'")
+        w, a = parse_bits(bits)
+        cfg.rules.append(LayerRule(pattern, w, a))
+    if args.mp_table is not None:
+        from toolchain.alloc.table import load_table, table_rules
+
+        cfg.rules += table_rules(load_table(args.mp_table))
+    cfg.params.update(_parse_params(args.param))
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibration.dataset import CalibrationSet
+    from toolchain.defaults import device_from_arg
+    from toolchain.methods.registry import MethodContext, get_method
+    from toolchain.models.storage import load_model
+    from toolchain.quant.api import quantize_
+    from toolchain.quant.checkpoint import save_quantized
+
+    cfg = build_config(args)
+    get_method(cfg.method, cfg.params)  # validate method and params before any heavy work
+    device = device_from_arg(args.device)
+    model_path = resolve_model_path(args.model)
+    model = load_model(model_path, args.preset).to(device)
+    data = CalibrationSet.open(args.calib)
+    batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
+    workdir = args.out.parent / f".{args.out.name}.work"
+    ctx = MethodContext(lq_batches=batches, workdir=workdir, device=device, seed=args.seed)
+    summary = quantize_(model, cfg, ctx)
+    summary["source_model"] = str(Path(model_path).resolve())
+    summary["source_model_sha256"] = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if Path(model_path).is_file() else None
+    summary["calibration_set"] = str(args.calib.resolve())
+    summary["calibration_images"] = sum(b.shape[0] for b in batches)
+    save_quantized(model.cpu(), cfg, args.out, summary)
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{cfg.method} {cfg.bits_label}: {summary.get('quantized_layers', '?')} layers quantized in {summary['seconds']} s -> {args.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Quality metrics, compression accounting, reports and image grids."""

@@ -1,0 +1,64 @@
+"""Run restoration variants on a calibration/eval set and score them.
+
+Every variant (FP model, quantized checkpoints) restores the same LQ images; each is scored
+against the HQ ground truth and — for quantized variants — against the FP output, which
+isolates the quantization error from the model's own restoration error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from calibration.dataset import CalibrationSet
+from toolchain.errors import MissingWeightsError
+from toolchain.eval import metrics as M
+
+
+def restore_set(model: Callable[[torch.Tensor], torch.Tensor], lq_batches: list[torch.Tensor], device: torch.device | str = "cpu",
+                desc: str = "restoring") -> torch.Tensor:
+    """Restore pre-batched LQ tensors ([-1,1]); returns images in [0,1] on CPU."""
+    outs = []
+    with torch.no_grad():
+        for b in tqdm(lq_batches, desc=desc, leave=False):
+            outs.append(((model(b.to(device)).float().cpu() + 1) / 2).clamp(0, 1))
+    return torch.cat(outs)
+
+
+def resolve_metrics(names: list[str], weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """Keep metrics whose weights are present; explain the others."""
+    usable, skipped = [], {}
+    for name in names:
+        try:
+            if name == "lpips":
+                M.make_lpips(weights_dir)
+            elif name == "fid":
+                M._require(weights_dir, M.INCEPTION_FILE, "fid")
+            elif name not in M.PAIRED_METRICS + M.SET_METRICS:
+                skipped[name] = "unknown metric"
+                continue
+            usable.append(name)
+        except MissingWeightsError as exc:
+            skipped[name] = str(exc)
+    return usable, skipped
+
+
+def score(pred: torch.Tensor, ref: torch.Tensor, metrics: list[str], weights_dir: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in metrics:
+        if name in M.PAIRED_METRICS:
+            vals = torch.cat([M.paired_metric(name, weights_dir)(pred[i : i + 8], ref[i : i + 8]) for i in range(0, len(pred), 8)])
+            out[name] = float(vals.mean())
+            out[name + "_per_image"] = [round(float(v), 5) for v in vals]
+        elif len(pred) >= 2:
+            out[name] = M.set_metric(name, pred, ref, weights_dir)
+    return out
+
+
+def load_eval_set(data: CalibrationSet, size: int, limit: int | None, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    lq_batches = data.batches(size, batch_size, limit=limit)
+    hq = (torch.cat(data.batches(size, batch_size, limit=limit, which="hq")) + 1) / 2
+    lq = (torch.cat(lq_batches) + 1) / 2
+    return lq_batches, lq, hq

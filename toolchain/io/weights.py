@@ -1,0 +1,80 @@
+"""Loading tensors from disk without executing untrusted code.
+
+safetensors files are loaded directly. Pickle-based checkpoints (.pt/.pth/.ckpt/.bin) are
+opened only with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects;
+a refusal is reported as a CheckpointError naming the file, with the conversion advice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from toolchain.errors import CheckpointError
+from toolchain.io.atomic import atomic_write_bytes
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a flat name → tensor mapping from a safetensors or (weights-only) pickle file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        return _load_pickle_weights_only(path)
+    raise CheckpointError(f"{path}: unsupported checkpoint type '{path.suffix}' (expected .safetensors, or .pt/.pth/.ckpt/.bin)")
+
+
+def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects other than tensors "
+            f"({first[:160]}); only weights-only checkpoints are accepted"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a mapping of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} contains no tensors")
+    return tensors
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the string metadata block of a safetensors file (empty dict if none)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len <= 0 or header_len > 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    return dict(header.get("__metadata__", {}) or {})
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Save tensors atomically as safetensors (contiguous copies; shared storage is split)."""
+    flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(flat, metadata=metadata))

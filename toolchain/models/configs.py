@@ -1,0 +1,224 @@
+"""Architecture configurations of OSDFace-shaped models and the named presets.
+
+A ModelConfig fully determines the module tree, so it is stored beside every saved model and
+quantized checkpoint and the network can be rebuilt without any code outside this package.
+
+Presets:
+  * ``osdface`` – SD-2.1-base UNet + VAE and the upstream visual representation embedder (VRE),
+    at the sizes of the released OSDFace model (for real checkpoints and GPU benchmarks).
+  * ``ref``     – the project's small trained reference model (128×128 faces).
+  * ``tiny``    – a random network that runs in well under a second on CPU (unit tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from toolchain.errors import ConfigError
+
+
+def sd_alpha_bar(t: int, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> float:
+    """ᾱ_t of Stable Diffusion's ``scaled_linear`` schedule, in float64 as upstream computes it."""
+    import numpy as np
+
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return float(np.cumprod(1.0 - betas)[t])
+
+
+@dataclass
+class EmbedderConfig:
+    """Visual prompt embedder: VQ encoder → nearest codes → first-T unique codes → projection."""
+
+    in_channels: int = 3
+    block_out_channels: tuple[int, ...] = (64, 128, 128, 128, 256, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    z_channels: int = 512
+    codebook_size: int = 1024
+    num_tokens: int = 77
+    proj_hidden: int = 256
+    cross_attention_dim: int = 1024
+    # Upstream OSDFace normalises its already [-1, 1] input a second time ((x - 0.5) / 0.5);
+    # its weights expect that, so the osdface preset reproduces it.
+    double_normalize: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an OSDFace-shaped model."""
+
+    name: str
+    image_size: int
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    timestep: int = 399
+    alpha_bar: float = field(default_factory=lambda: sd_alpha_bar(399))
+    latent_scaling: float = 0.18215
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.embedder, dict):
+            emb = dict(self.embedder)
+            emb["block_out_channels"] = tuple(emb.get("block_out_channels", ()))
+            self.embedder = EmbedderConfig(**emb)
+        if not 0.0 < self.alpha_bar < 1.0:
+            raise ConfigError(f"alpha_bar must be in (0, 1), got {self.alpha_bar}")
+        factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
+        if self.image_size % (factor * 2 ** (len(self.unet["block_out_channels"]) - 1)):
+            raise ConfigError(f"image_size {self.image_size} is not divisible by the model's total downsampling")
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_factor
+
+    @property
+    def sqrt_alpha_bar(self) -> float:
+        return math.sqrt(self.alpha_bar)
+
+    @property
+    def sqrt_one_minus_alpha_bar(self) -> float:
+        return math.sqrt(1.0 - self.alpha_bar)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["embedder"]["block_out_channels"] = list(d["embedder"]["block_out_channels"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = copy.deepcopy(d)
+        version = d.get("version", 1)
+        if version != 1:
+            raise ConfigError(f"model config version {version} is not supported by this toolchain (expects 1)")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"invalid model config: {exc}") from None
+
+
+def _sd21_unet() -> dict[str, Any]:
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=[320, 640, 1280, 1280],
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20],
+        use_linear_projection=True,
+        norm_num_groups=32,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def _sd_vae(block_out: list[int], layers: int = 2, groups: int = 32, size: int = 512) -> dict[str, Any]:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(block_out),
+        up_block_types=["UpDecoderBlock2D"] * len(block_out),
+        block_out_channels=list(block_out),
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=size,
+        scaling_factor=0.18215,
+    )
+
+
+def _osdface() -> ModelConfig:
+    return ModelConfig(
+        name="osdface",
+        image_size=512,
+        unet=_sd21_unet(),
+        vae=_sd_vae([128, 256, 512, 512]),
+        embedder=EmbedderConfig(double_normalize=True),
+    )
+
+
+def _ref() -> ModelConfig:
+    return ModelConfig(
+        name="ref",
+        image_size=128,
+        unet=dict(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=[64, 128, 256],
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=256,
+            attention_head_dim=[2, 4, 8],
+            use_linear_projection=True,
+            norm_num_groups=32,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        ),
+        vae=_sd_vae([32, 64, 128], layers=1, groups=16, size=128),
+        embedder=EmbedderConfig(
+            block_out_channels=(32, 64, 64, 128),
+            layers_per_block=1,
+            norm_num_groups=16,
+            z_channels=128,
+            codebook_size=256,
+            num_tokens=32,
+            proj_hidden=128,
+            cross_attention_dim=256,
+        ),
+    )
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(
+        name="tiny",
+        image_size=32,
+        unet=dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=[32, 64],
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            norm_num_groups=8,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        ),
+        vae=_sd_vae([16, 32], layers=1, groups=8, size=32),
+        embedder=EmbedderConfig(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            z_channels=16,
+            codebook_size=32,
+            num_tokens=8,
+            proj_hidden=16,
+            cross_attention_dim=32,
+        ),
+    )
+
+
+PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny}
+
+
+def preset(name: str) -> ModelConfig:
+    """Return a fresh copy of a named preset config."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})") from None

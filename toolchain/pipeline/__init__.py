@@ -1,0 +1,1 @@
+"""Inference pipelines around the one-step model."""

@@ -1,0 +1,1 @@
+"""Fake quantization: quantizers, observers, quantized layers, configs and the quantize_ verb."""

@@ -1,0 +1,23 @@
+"""``quantize_(model, config, ctx)``: the one verb every method goes through."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from toolchain.methods.registry import MethodContext, get_method
+from toolchain.quant.config import QuantConfig
+
+
+def quantize_(model: torch.nn.Module, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
+    """Quantize ``model`` in place with ``config.method``; returns the method's summary plus timing."""
+    method = get_method(config.method, config.params)
+    torch.manual_seed(ctx.seed)
+    start = time.perf_counter()
+    model.to(ctx.device).eval()
+    summary = method.apply(model, config, ctx)
+    summary = {"method": config.method, "bits": config.bits_label, **summary, "seconds": round(time.perf_counter() - start, 2)}
+    model.eval()
+    return summary

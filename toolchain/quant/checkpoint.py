@@ -1,0 +1,108 @@
+"""The quantized checkpoint artifact.
+
+    <dir>/
+      model.safetensors   every tensor: float weights (already balanced/folded where the method
+                          did so), quantizer scales and zero points, online transforms, branches
+      quant_config.json   {"format", "version", "model_config", "quant_config",
+                           "layers": {path: bits, specs, act scale/zero point, transform, lowrank},
+                           "summary"}
+
+The loader rebuilds the float model from ``model_config``, re-creates each quantized layer's
+structure from its ``layers`` entry and loads the tensors strictly, so a loaded checkpoint
+reproduces the saved model's outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolchain.errors import CheckpointError
+from toolchain.io.atomic import atomic_directory, atomic_write_json
+from toolchain.io.weights import load_tensors, save_tensors
+from toolchain.models.configs import ModelConfig
+from toolchain.models.osdface import OSDFaceModel, build_model
+from toolchain.quant.calibrate import quant_layers, set_submodule
+from toolchain.quant.components import build_component
+from toolchain.quant.config import QuantConfig
+from toolchain.quant.layers import QUANT_LAYER_TYPES
+from toolchain.quant.quantizer import QuantSpec
+
+FORMAT = "quantface-checkpoint"
+FORMAT_VERSION = 1
+
+
+def layer_table(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: layer.describe() for name, layer in quant_layers(model)}
+
+
+def save_quantized(model: OSDFaceModel, qconfig: QuantConfig, out_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint directory atomically."""
+    out_dir = Path(out_dir)
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "quant_config": qconfig.to_dict(),
+        "layers": layer_table(model),
+        "summary": summary or {},
+    }
+    with atomic_directory(out_dir) as tmp:
+        save_tensors(tmp / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
+        atomic_write_json(tmp / "quant_config.json", meta)
+    return out_dir
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    cfg_path = ckpt_dir / "quant_config.json"
+    if not ckpt_dir.is_dir() or not cfg_path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a quantized checkpoint (no quant_config.json); create one with `toolchain quantize`")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path} is not a {FORMAT} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path} has checkpoint version {meta.get('version')}; this toolchain reads version {FORMAT_VERSION}")
+    return meta
+
+
+def rebuild_quant_structure(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Re-create quantized layers (empty quantizers, transforms, branches) from a layer table."""
+    for name, desc in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint layer '{name}' does not exist in the model") from None
+        qcls = QUANT_LAYER_TYPES.get(type(module))
+        if qcls is None or qcls.KIND != desc.get("kind"):
+            raise CheckpointError(f"checkpoint layer '{name}' is a {desc.get('kind')}, the model has {type(module).__name__}")
+        w_spec = QuantSpec.from_dict(desc["weight"]) if desc.get("weight") else None
+        a_spec = QuantSpec.from_dict(desc["activation"]) if desc.get("activation") else None
+        q = qcls.from_float(module, w_spec, a_spec)
+        if desc.get("transform"):
+            q.input_transform = build_component(desc["transform"], q)
+        if desc.get("lowrank"):
+            q.lowrank = build_component(desc["lowrank"], q)
+        set_submodule(model, name, q)
+
+
+def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[OSDFaceModel, dict[str, Any]]:
+    """Load a checkpoint directory; returns (model in eval mode, metadata)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_checkpoint_meta(ckpt_dir)
+    model = build_model(ModelConfig.from_dict(meta["model_config"]), seed=None)
+    rebuild_quant_structure(model, meta["layers"])
+    state = load_tensors(ckpt_dir / "model.safetensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise CheckpointError(f"{ckpt_dir}/model.safetensors does not match quant_config.json: {' '.join(first[:2])[:300]}") from None
+    return model.to(device).eval(), meta

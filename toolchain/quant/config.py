@@ -1,0 +1,156 @@
+"""Serialisable quantization configs.
+
+A QuantConfig is the single source of truth for what ``quantize_`` does: the method, default
+weight/activation specs, which layers are in scope (regexes over module paths such as
+``unet.down_blocks.0.resnets.0.conv1``), ordered per-layer rules (the last matching rule wins,
+as in ai-edge-quantizer recipes) and the method's own parameters. It round-trips through JSON
+and is versioned so old files keep loading or fail with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from toolchain.errors import ConfigError
+from toolchain.quant.quantizer import QuantSpec
+
+CONFIG_VERSION = 1
+DEFAULT_INCLUDE = [r"^unet\.", r"^vae\."]
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """'w4a8' → (4, 8)."""
+    m = re.fullmatch(r"\s*w(\d+)a(\d+)\s*", text.lower())
+    if not m:
+        raise ConfigError(f"bit setting '{text}' must look like w4a4, w8a8, w4a6")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class LayerRule:
+    """Per-layer override: layers whose path matches ``pattern`` get these bits (None = keep)."""
+
+    pattern: str
+    w_bits: int | None = None
+    a_bits: int | None = None
+    skip: bool = False  # leave the layer in float entirely
+
+    def __post_init__(self) -> None:
+        try:
+            self._regex = re.compile(self.pattern)
+        except re.error as exc:
+            raise ConfigError(f"invalid layer pattern '{self.pattern}': {exc}") from None
+        for b in (self.w_bits, self.a_bits):
+            if b is not None and not 2 <= b <= 16:
+                raise ConfigError(f"rule '{self.pattern}': bits must be in 2..16, got {b}")
+
+    def matches(self, name: str) -> bool:
+        return self._regex.search(name) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "w_bits": self.w_bits, "a_bits": self.a_bits, "skip": self.skip}
+
+
+@dataclass
+class QuantConfig:
+    method: str = "minmax"
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, per_channel=True))
+    activation: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=False, per_channel=False))
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=list)
+    rules: list[LayerRule] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"quant config version {self.version} is not supported (this toolchain reads version {CONFIG_VERSION})")
+        for pat in [*self.include, *self.exclude]:
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ConfigError(f"invalid layer pattern '{pat}': {exc}") from None
+
+    @classmethod
+    def for_bits(cls, method: str, bits: str, **kwargs: Any) -> "QuantConfig":
+        w, a = parse_bits(bits)
+        base = cls(method=method, **kwargs)
+        base.weight = base.weight.with_bits(w)
+        base.activation = base.activation.with_bits(a)
+        return base
+
+    @property
+    def bits_label(self) -> str:
+        return f"W{self.weight.bits}A{self.activation.bits}"
+
+    def in_scope(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.include) and not any(re.search(p, name) for p in self.exclude)
+
+    def layer_specs(self, name: str) -> tuple[QuantSpec, QuantSpec] | None:
+        """The (weight, activation) specs for layer ``name``, or None if it stays float."""
+        if not self.in_scope(name):
+            return None
+        w_bits, a_bits, skip = self.weight.bits, self.activation.bits, False
+        for rule in self.rules:
+            if rule.matches(name):
+                skip = rule.skip
+                w_bits = rule.w_bits if rule.w_bits is not None else w_bits
+                a_bits = rule.a_bits if rule.a_bits is not None else a_bits
+        if skip:
+            return None
+        return self.weight.with_bits(w_bits), self.activation.with_bits(a_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "method": self.method,
+            "weight": self.weight.to_dict(),
+            "activation": self.activation.to_dict(),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "rules": [r.to_dict() for r in self.rules],
+            "params": dict(self.params),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {"version", "method", "weight", "activation", "include", "exclude", "rules", "params"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown quant config keys: {', '.join(sorted(unknown))}")
+        try:
+            return cls(
+                method=d.get("method", "minmax"),
+                weight=QuantSpec.from_dict(d["weight"]) if "weight" in d else QuantSpec(8, True, True),
+                activation=QuantSpec.from_dict(d["activation"]) if "activation" in d else QuantSpec(8),
+                include=list(d.get("include", DEFAULT_INCLUDE)),
+                exclude=list(d.get("exclude", [])),
+                rules=[LayerRule(**r) for r in d.get("rules", [])],
+                params=dict(d.get("params", {})),
+                version=d.get("version", CONFIG_VERSION),
+            )
+        except TypeError as exc:
+            raise ConfigError(f"invalid quant config: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read quant config {path}: {exc}") from None
+
+
+def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Conv2d/Linear modules (float or already quantized) with their paths."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            yield name, module

@@ -1,0 +1,172 @@
+"""Uniform affine fake quantization with a straight-through estimator.
+
+    q = clamp(round(x / s) + z, q_min, q_max)        x̂ = s · (q − z)
+
+Weights: per output channel, symmetric, narrow range [−(2^(b−1)−1), 2^(b−1)−1] (the ranges
+LiteRT's int8/int4 weight kernels use). Activations: per tensor, asymmetric [0, 2^b − 1] with an
+integer zero point, or symmetric narrow range (int16 on LiteRT must be symmetric). The round
+passes gradients straight through, so the same function serves calibration, QAT-style training
+and LSQ (learnable step size) — the gradient w.r.t. ``s`` falls out of autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolchain.errors import ConfigError
+
+OBSERVERS = ("minmax", "percentile", "mse")
+_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. Serialises to a flat JSON dict."""
+
+    bits: int
+    symmetric: bool = False
+    per_channel: bool = False
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"bits must be an integer in 2..16, got {self.bits!r}")
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"unknown observer '{self.observer}' (choose from {', '.join(OBSERVERS)})")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def with_bits(self, bits: int) -> "QuantSpec":
+        return QuantSpec(bits, self.symmetric, self.per_channel, self.observer, self.percentile)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"invalid quantization spec {d}: {exc}") from None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize ``x``; ``scale``/``zero_point`` broadcast against it."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point covering [lo, hi] (the range always includes 0)."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / spec.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        scale = torch.clamp(scale, min=_EPS)
+        zero = torch.clamp(spec.qmin - torch.round(lo / scale), spec.qmin, spec.qmax)
+    return torch.clamp(scale, min=_EPS), zero
+
+
+def broadcast_shape(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of ``like``."""
+    if t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class FakeQuantizer(nn.Module):
+    """A quantizer as a module: holds scale and zero point, observes during calibration.
+
+    Modes: ``observe`` (record statistics, pass x through unchanged), ``quantize`` (fake-quantize
+    with the frozen parameters) and ``off`` (identity, e.g. for sensitivity sweeps).
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int = 1, axis: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.axis = axis
+        n = channels if spec.per_channel else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.mode = "quantize"
+        self.observer: nn.Module | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.spec.per_channel else "per-tensor"
+        sym = "sym" if self.spec.symmetric else "asym"
+        return f"{self.spec.bits}-bit {kind} {sym} {self.spec.observer}, mode={self.mode}"
+
+    def start_observing(self) -> None:
+        from toolchain.quant.observers import make_observer
+
+        if self.observer is None:
+            self.observer = make_observer(self.spec, self.scale.numel(), self.axis)
+        self.mode = "observe"
+
+    def freeze(self) -> None:
+        """Turn the observed statistics into scale/zero point and switch to quantize mode."""
+        if self.observer is None or not self.observer.has_data():
+            raise RuntimeError("quantizer has observed no data; run calibration first")
+        scale, zero = self.observer.compute_qparams(self.spec)
+        self.set_qparams(scale, zero)
+        self.observer = None
+        self.mode = "quantize"
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).to(self.zero_point))
+            self.initialized.fill_(True)
+
+    def calibrate_weight(self, weight: torch.Tensor) -> None:
+        """One-shot calibration from a static tensor (weights)."""
+        self.start_observing()
+        self.observer.update(weight.detach())
+        self.freeze()
+
+    def make_learnable(self) -> None:
+        """Turn the scale into a trainable parameter (LSQ-style step size learning)."""
+        if not isinstance(self.scale, nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self.scale
+            self.scale = nn.Parameter(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observer.update(x.detach())
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError("quantizer used before calibration")
+        scale = broadcast_shape(torch.clamp(self.scale, min=_EPS), x, self.axis)
+        zero = broadcast_shape(self.zero_point, x, self.axis)
+        return fake_quantize(x, scale, zero, self.spec.qmin, self.spec.qmax)
