@@ -58,10 +58,36 @@ def ssim(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1)
 
 
+def _import_stlpips():
+    """Import stlpips-pytorch's module.
+
+    It imports IPython (``embed``) and torchsummary (``summary``) at module level but never
+    calls them on the shift-tolerant path; placeholders stand in when they are not installed so
+    the metric does not pull an interactive shell into the dependency set.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    placeholders = []
+    for mod, attr in (("IPython", "embed"), ("torchsummary", "summary")):
+        if mod not in sys.modules and importlib.util.find_spec(mod) is None:
+            placeholder = types.ModuleType(mod)
+            setattr(placeholder, attr, None)
+            sys.modules[mod] = placeholder
+            placeholders.append(mod)
+    try:
+        from stlpips_pytorch import stlpips
+    finally:  # other libraries (matplotlib) probe sys.modules["IPython"]; do not leave a fake one
+        for mod in placeholders:
+            sys.modules.pop(mod, None)
+    return stlpips
+
+
 @lru_cache(maxsize=2)
 def stlpips_net(net: str = "alex") -> torch.nn.Module:
     """The shift-tolerant LPIPS network with the weights bundled in its wheel."""
-    from stlpips_pytorch import stlpips
+    stlpips = _import_stlpips()
 
     model = stlpips.LPIPS(net=net, variant="shift_tolerant", verbose=False)
     for p in model.parameters():

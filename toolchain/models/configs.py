@@ -155,7 +155,7 @@ def _ref() -> ModelConfig:
             sample_size=32,
             in_channels=4,
             out_channels=4,
-            layers_per_block=2,
+            layers_per_block=1,
             block_out_channels=[64, 128, 256],
             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],

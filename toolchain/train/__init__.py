@@ -1,0 +1,1 @@
+"""Shared training infrastructure (reference model, QD-LoRA, learned baselines)."""

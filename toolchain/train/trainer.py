@@ -1,0 +1,232 @@
+"""A small, resumable training loop shared by every trained stage.
+
+Why its own loop: each stage (reference model, QD-LoRA, PassionSR, EfficientDM, ...) needs the
+same guarantees — deterministic under a seed, periodic checkpoints written atomically, exact
+resume after an interruption (same subsequent losses), progress with the loss, a loss-curve
+PNG, mixed precision on GPU — and nothing else.
+
+Determinism across resume: the batch of step ``s`` must be a pure function of ``s`` (the
+``batch_fn`` contract), and the RNG states are saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from toolchain.errors import CheckpointError
+from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    grad_clip: float | None = 1.0
+    amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, off
+    lr_schedule: str = "constant"  # constant | cosine | step (×0.2 at milestones)
+    milestones: tuple[int, ...] = ()
+    warmup: int = 0
+    max_seconds: float | None = None  # stop early (checkpointed) when the wall-clock budget is spent
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain lists (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [int(pos), int(has_gauss), float(cached)], "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Optimise ``params`` to minimise ``loss_fn(step, batch_fn(step))``.
+
+    ``loss_fn`` returns (loss tensor, dict of floats to log). ``state`` names the tensors to
+    checkpoint (usually the trainable parameters plus any buffers they depend on).
+    """
+
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        loss_fn: Callable[[int, Any], tuple[torch.Tensor, dict[str, float]]],
+        batch_fn: Callable[[int], Any],
+        workdir: str | Path,
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+        desc: str = "training",
+        param_groups: list[dict[str, Any]] | None = None,
+    ):
+        self.params = params
+        self.loss_fn = loss_fn
+        self.batch_fn = batch_fn
+        self.workdir = Path(workdir)
+        self.cfg = config
+        self.device = torch.device(device)
+        self.desc = desc
+        groups = param_groups or [{"params": list(params.values())}]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay) if config.weight_decay else torch.optim.Adam(groups, lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.history: list[dict[str, float]] = []
+        self.step = 0
+        amp = config.amp
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "off"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def _lr_factor(self, step: int) -> float:
+        f = 1.0
+        if self.cfg.warmup and step < self.cfg.warmup:
+            f = (step + 1) / self.cfg.warmup
+        if self.cfg.lr_schedule == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(step, self.cfg.steps) / max(1, self.cfg.steps)))
+        elif self.cfg.lr_schedule == "step":
+            f *= 0.2 ** sum(step >= m for m in self.cfg.milestones)
+        return f
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.workdir / "trainer_state.pt"
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": json.dumps(self.history),
+            "rng": _rng_state(),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.ckpt_path, buf.getvalue())
+        atomic_write_json(self.workdir / "history.json", self.history)
+
+    def try_resume(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        try:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt state file must not be silently ignored
+            raise CheckpointError(f"cannot resume from {self.ckpt_path}: {str(exc).splitlines()[0][:200]}; delete it to start over") from None
+        if set(state["params"]) != set(self.params):
+            raise CheckpointError(f"{self.ckpt_path} was written for different trainable parameters; delete it to start over")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v.to(self.params[k]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = json.loads(state["history"])
+        self.step = int(state["step"])
+        _set_rng_state(state["rng"])
+        return True
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, float]]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.try_resume():
+            seed_everything(self.cfg.seed)
+        else:
+            tqdm.write(f"{self.desc}: resuming at step {self.step}/{self.cfg.steps} from {self.ckpt_path}")
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, leave=False)
+        t0 = time.perf_counter()
+        while self.step < self.cfg.steps:
+            batch = self.batch_fn(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, logs = self.loss_fn(self.step, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], self.cfg.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            record = {"step": self.step, "loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}, "lr": self.scheduler.get_last_lr()[0]}
+            self.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}")
+            bar.update(1)
+            out_of_time = self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time:
+                self.save()
+            if out_of_time:
+                tqdm.write(f"{self.desc}: wall-clock budget of {self.cfg.max_seconds:.0f} s spent, stopping at step {self.step}")
+                break
+        bar.close()
+        self.elapsed = time.perf_counter() - t0
+        return self.history
+
+
+def plot_loss_curve(history: list[dict[str, float]], path: str | Path, title: str = "training loss") -> Path:
+    """Loss (and any other logged terms) against step, smoothed, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    keys = [k for k in history[0] if k not in ("step", "lr")] if history else []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        vals = np.array([h.get(k, np.nan) for h in history], dtype=float)
+        win = max(1, len(vals) // 50)
+        smooth = np.convolve(vals, np.ones(win) / win, mode="valid") if len(vals) >= win else vals
+        ax.plot(steps[win - 1 :], smooth, label=k, lw=1.5 if k == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
