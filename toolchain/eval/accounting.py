@@ -134,8 +134,10 @@ def count(model: nn.Module, example: torch.Tensor) -> Accounting:
             handles.append(m.register_forward_hook(conv_linear_hook))
         elif isinstance(m, Attention):
             handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
+    from toolchain.quant.calibrate import quantizers_off
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quantizers_off(model):  # counts depend on shapes only
             model(example[:1])
     finally:
         for h in handles:

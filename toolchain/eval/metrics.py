@@ -18,6 +18,7 @@ Missing weights raise MissingWeightsError naming the file; nothing is downloaded
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -145,7 +146,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     mu1, mu2 = feats_a.mean(0), feats_b.mean(0)
     s1 = np.cov(feats_a, rowvar=False) if len(feats_a) > 1 else np.zeros((feats_a.shape[1],) * 2)
     s2 = np.cov(feats_b, rowvar=False) if len(feats_b) > 1 else np.zeros((feats_b.shape[1],) * 2)
-    covmean = linalg.sqrtm(s1.dot(s2))
+    with warnings.catch_warnings():  # few images → singular covariances; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1.dot(s2))
     if not np.isfinite(covmean).all():
         off = np.eye(s1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((s1 + off).dot(s2 + off))

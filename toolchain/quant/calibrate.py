@@ -7,6 +7,7 @@ quantizers observe, checkpointing the observers so an interrupted run resumes wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -59,6 +60,19 @@ def set_quant_mode(model: nn.Module, weights: str | None = None, activations: st
             layer.weight_quantizer.mode = weights
         if activations is not None and layer.input_quantizer is not None:
             layer.input_quantizer.mode = activations
+
+
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Temporarily run every quantizer as identity (restoring each one's mode afterwards)."""
+    saved = [(q, q.mode) for _, layer in quant_layers(model) for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None]
+    for q, _ in saved:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
 
 
 def calibrate_weights(model: nn.Module) -> None:
