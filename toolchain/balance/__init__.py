@@ -1,0 +1,1 @@
+"""Rotation-scaling channel balancing: Hadamard matrices, statistics, folding, online transforms."""
