@@ -92,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
     summary["source_model_sha256"] = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if Path(model_path).is_file() else None
     summary["calibration_set"] = str(args.calib.resolve())
     summary["calibration_images"] = sum(b.shape[0] for b in batches)
+    if args.mp_table is not None:
+        from toolchain.alloc.table import load_table
+
+        table = load_table(args.mp_table)
+        summary["mp_table"] = {"path": str(args.mp_table.resolve()), "average_a_bits": table["average_a_bits"],
+                               "cost_model": table["cost_model"], "budget": table["budget"]}
     save_quantized(model.cpu(), cfg, args.out, summary)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"{cfg.method} {cfg.bits_label}: {summary.get('quantized_layers', '?')} layers quantized in {summary['seconds']} s -> {args.out}")

@@ -86,10 +86,13 @@ def _result_key(column: str) -> str:
 
 
 def _bits_label(meta: dict) -> str:
+    """W/A bits as the paper writes them; mixed precision shows the element-weighted average (A3.98)."""
     layers = meta.get("layers", {})
+    mp = meta.get("summary", {}).get("mp_table")
     w = [d["w_bits"] for d in layers.values() if d.get("w_bits")]
     a = [d["a_bits"] for d in layers.values() if d.get("a_bits")]
     if not w:
         return "FP"
     fmt = lambda xs: str(xs[0]) if len(set(xs)) == 1 else f"{sum(xs) / len(xs):.2f}"  # noqa: E731
-    return f"W{fmt(w)}A{fmt(a) if a else '32'}"
+    a_label = f"{mp['average_a_bits']:.2f}-MP" if mp else (fmt(a) if a else "32")
+    return f"W{fmt(w)}A{a_label}"

@@ -1,0 +1,1 @@
+"""Adaptive activation bit-width allocation: sensitivity sweep, error table, integer program, table."""
