@@ -97,13 +97,13 @@ def _restore(model, batches: list[torch.Tensor], device) -> torch.Tensor:
         return torch.cat([((model(b.to(device)).float() + 1) / 2).clamp(0, 1).cpu() for b in batches])
 
 
+@torch.no_grad()
 def sweep_layers(ckpt: Path, calib: Path, names: list[str], settings: SweepSettings, cache: Path, device: str, progress: bool = True) -> None:
     """Compute B_i for ``names`` (skipping cached ones); writes ``cache/<layer>.json``."""
     from calibration.dataset import CalibrationSet
     from toolchain.quant.calibrate import quantizers_off
     from toolchain.quant.checkpoint import load_quantized
 
-    torch.set_grad_enabled(False)
     model, _ = load_quantized(ckpt, device)
     data = CalibrationSet.open(calib)
     batches = data.batches(model.image_size, settings.batch_size, limit=settings.images)
