@@ -88,7 +88,7 @@ def tiny_checkpoint(tiny_model_path, calib_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("alloc") / "ck"
     assert main(["quantize", "--model", str(tiny_model_path), "--method", "quantface", "--bits", "w4a4", "--calib", str(calib_dir),
-                 "--out", str(out), "--device", "cpu"]) == 0
+                 "--param", "train_steps=0", "--out", str(out), "--device", "cpu"]) == 0
     return out
 
 
@@ -115,7 +115,7 @@ def test_allocation_end_to_end_on_tiny(tiny_checkpoint, tiny_model_path, calib_d
     # applying the table
     ck = tmp_path / "ck_mp"
     assert main(["quantize", "--model", str(tiny_model_path), "--method", "quantface", "--bits", "w4a4", "--mp-table", str(out / "mp_table.json"),
-                 "--calib", str(calib_dir), "--out", str(ck), "--device", "cpu"]) == 0
+                 "--param", "train_steps=0", "--calib", str(calib_dir), "--out", str(ck), "--device", "cpu"]) == 0
     model, meta = load_quantized(ck)
     bits = {n: l.a_bits for n, l in quant_layers(model)}
     assert all(bits[l["name"]] == l["a_bits"] for l in table["layers"])

@@ -62,17 +62,45 @@ class QuantFaceParams:
     balance: str = "rotate-scale"  # none | scale | rotate | rotate-scale | auto (per-layer choice by output error)
     alpha: float = 0.5
     fallback_a_bits: int = 8  # activations of layers whose channel count has no Hadamard matrix
+    svd_rank: int = 8  # tied SVD branch (0: none)
+    lora_rank: int = 8  # QD-LoRA's second branch (0: train the SVD branch alone)
+    rank_ratio: float = 0.0  # > 0: both ranks become this fraction of each layer's smaller dimension
+    lora_into_residual: bool = False  # variant: A·B inside the low-bit weight, only the SVD branch stays 16-bit
+    train_steps: int = 200  # QD-LoRA distillation steps (0: no training)
+    lr: float = 1e-5
+    lpips_weights: str | None = None  # alexnet-owt-7be5be79.pth (file or folder); else ST-LPIPS substitute
+    w_perceptual: float = 0.5
+    w_mse: float = 0.5
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    merge: bool = True  # concatenate the branches into one rank-(r1+r2) branch after training
+
+    def __post_init__(self) -> None:
+        if self.svd_rank < 0 or self.lora_rank < 0 or self.train_steps < 0:
+            raise ValueError("ranks and train_steps must be >= 0")
 
 
 @register_method
 class QuantFace(QuantMethod):
     name = "quantface"
     Params = QuantFaceParams
-    summary_doc = "rotation-scaling channel balancing (randomized Hadamard + scales), then static calibration"
+    summary_doc = "rotation-scaling balancing + QD-LoRA (SVD branch + LoRA, distilled) + static calibration"
 
     def apply(self, model, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
+        from toolchain.lowrank.compensate import attach_branches, merge_all, train_branches
+
+        p = self.params
         layers = prepare_model(model, config)
-        bcfg = BalanceConfig(mode=self.params.balance, alpha=self.params.alpha, seed=ctx.seed, fallback_a_bits=self.params.fallback_a_bits)
-        bal = balance_model(model, ctx, bcfg)
-        n = calibrate(model, ctx)
-        return {"quantized_layers": len(layers), "balance": bal, "calibration_batches": n}
+        bcfg = BalanceConfig(mode=p.balance, alpha=p.alpha, seed=ctx.seed, fallback_a_bits=p.fallback_a_bits)
+        summary: dict[str, Any] = {"quantized_layers": len(layers), "balance": balance_model(model, ctx, bcfg)}
+        branched = attach_branches(model, p.svd_rank, p.lora_rank, ctx.seed, p.lora_into_residual, rank_ratio=p.rank_ratio)
+        summary["calibration_batches"] = calibrate(model, ctx)
+        summary["lowrank"] = {"layers": branched, "svd_rank": p.svd_rank, "lora_rank": p.lora_rank, "rank_ratio": p.rank_ratio,
+                              "lora_into_residual": p.lora_into_residual}
+        if branched and p.train_steps > 0:
+            parts = ("svd", "lora") if p.lora_rank > 0 else ("svd",)
+            summary["qdlora"] = train_branches(model, ctx.lq_batches, ctx.state_dir("qdlora"), p.train_steps, p.lr, ctx.seed, ctx.device,
+                                               p.lpips_weights, p.w_perceptual, p.w_mse, p.gradient_checkpointing, p.checkpoint_every, parts)
+        if branched and p.merge:
+            summary["lowrank"]["merged_layers"] = merge_all(model)
+        return summary

@@ -34,5 +34,6 @@ def build_component(desc: dict[str, Any], layer: nn.Module) -> nn.Module:
 
 
 def _ensure_registered() -> None:
-    # Importing the technique packages registers their components.
-    import toolchain.methods  # noqa: F401
+    # Importing the modules that define parts registers their builders.
+    import toolchain.balance.transform  # noqa: F401
+    import toolchain.lowrank.branch  # noqa: F401

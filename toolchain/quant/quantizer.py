@@ -114,6 +114,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.mode = "quantize"
         self.observer: nn.Module | None = None
+        # dynamic: recompute min-max parameters from every input (weights whose values train,
+        # e.g. the residual W − L1·L2 of QD-LoRA); frozen again by calibrate_weight()
+        self.dynamic = False
 
     @property
     def bits(self) -> int:
@@ -148,6 +151,7 @@ class FakeQuantizer(nn.Module):
 
     def calibrate_weight(self, weight: torch.Tensor) -> None:
         """One-shot calibration from a static tensor (weights)."""
+        self.dynamic = False
         self.start_observing()
         self.observer.update(weight.detach())
         self.freeze()
@@ -165,6 +169,14 @@ class FakeQuantizer(nn.Module):
         if self.mode == "observe":
             self.observer.update(x.detach())
             return x
+        if self.dynamic:
+            with torch.no_grad():
+                if self.spec.per_channel:
+                    v = x.detach().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+                    lo, hi = v.min(dim=1).values, v.max(dim=1).values
+                else:
+                    lo, hi = x.detach().min().reshape(1), x.detach().max().reshape(1)
+                self.set_qparams(*qparams_from_range(lo, hi, self.spec))
         if not bool(self.initialized):
             raise RuntimeError("quantizer used before calibration")
         scale = broadcast_shape(torch.clamp(self.scale, min=_EPS), x, self.axis)

@@ -1,0 +1,1 @@
+"""Low-rank error compensation: SVD branch (SVDQuant), QD-LoRA training, merging."""

@@ -1,0 +1,169 @@
+"""Attaching, refining, training and merging low-rank branches on a quantized model."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.lowrank.branch import LowRankBranch, Pair, merge_branch, peft_pair, svd_pair
+from toolchain.quant.calibrate import calibrate_weights, quant_layers, quantizers_off
+from toolchain.quant.quantizer import fake_quantize, qparams_from_range
+
+
+def layer_rank(layer: nn.Module, rank: int, rank_ratio: float) -> int:
+    """``rank``, or — with ``rank_ratio`` > 0 — that fraction of the layer's smaller dimension (≥ 1).
+
+    A fixed rank means very different things on SD-2.1 (320–5120 channels) and on a small model
+    (32–512): rank 32 is ~1–3 % of an SD layer but half of a 64-channel one. Ratios keep
+    comparisons across model sizes fair.
+    """
+    if rank <= 0:
+        return 0
+    if rank_ratio <= 0:
+        return rank
+    w = layer.weight
+    return max(1, round(min(w.shape[0], w[0].numel()) * rank_ratio))
+
+
+def attach_branches(model: nn.Module, svd_rank: int, lora_rank: int, seed: int = 0, lora_into_residual: bool = False,
+                    weight_dtype: torch.dtype = torch.float16, rank_ratio: float = 0.0) -> int:
+    """Give every quantized layer a tied SVD part (rank ``svd_rank``) and/or a LoRA part; returns layers touched."""
+    n = 0
+    for name, layer in quant_layers(model):
+        r_svd, r_lora = layer_rank(layer, svd_rank, rank_ratio), layer_rank(layer, lora_rank, rank_ratio)
+        if layer.weight_quantizer is None or (r_svd <= 0 and r_lora <= 0):
+            continue
+        parts: dict[str, Pair] = {}
+        if r_svd > 0:
+            parts["svd"] = svd_pair(layer, layer.weight, r_svd, weight_dtype)
+        if r_lora > 0:
+            down, up = peft_pair(layer, r_lora, seed=(seed * 7919 + zlib.crc32(name.encode())) % (2**31))
+            parts["lora"] = Pair(down, up, weight_dtype)
+        layer.lowrank = LowRankBranch(parts, tied=True, lora_into_residual=lora_into_residual)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def refine_svd(model: nn.Module, absmax: dict[str, torch.Tensor], iterations: int, weight_dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """SVDQuant's low-rank search: L ← SVD_r(W − Q(W − L)), keeping the L with the lowest
+    activation-weighted weight error ‖(W − L − Q(W − L))·diag(max|X|)‖², stopping when it stops improving."""
+    improved = 0
+    for name, layer in quant_layers(model):
+        branch = layer.lowrank
+        if branch is None or "svd" not in branch.parts or layer.weight_quantizer is None or name not in absmax:
+            continue
+        spec = layer.weight_quantizer.spec
+        w = layer.weight.detach().double()
+        m = absmax[name].double().reshape(1, -1, *([1] * (w.dim() - 2)))
+
+        def quant(t: torch.Tensor) -> torch.Tensor:
+            v = t.flatten(1)
+            s, z = qparams_from_range(v.min(1).values, v.max(1).values, spec)
+            shape = (-1,) + (1,) * (t.dim() - 1)
+            return fake_quantize(t, s.reshape(shape), z.reshape(shape), spec.qmin, spec.qmax)
+
+        def error(lr: torch.Tensor) -> float:
+            r = w - lr
+            return float(((r - quant(r)) * m).pow(2).sum())
+
+        best = branch.parts["svd"]
+        rank = best.rank
+        best_lr = best.dense().double()
+        best_err = error(best_lr)
+        lr = best_lr
+        for _ in range(iterations):
+            cand = svd_pair(layer, (w - quant(w - lr)).to(layer.weight.dtype), rank, weight_dtype)
+            lr = cand.dense().double()
+            err = error(lr)
+            if err >= best_err:
+                break
+            best, best_err = cand, err
+            improved += 1
+        branch.parts["svd"] = best
+    return {"svd_refinement_steps": improved}
+
+
+def _branch_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {}
+    for name, layer in quant_layers(model):
+        if layer.lowrank is not None:
+            for pname, p in layer.lowrank.named_parameters():
+                params[f"{name}.lowrank.{pname}"] = p
+    return params
+
+
+def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path | None, steps: int, lr: float, seed: int,
+                   device: torch.device, lpips_weights: str | None = None, w_perceptual: float = 0.5, w_mse: float = 0.5,
+                   gradient_checkpointing: bool = False, checkpoint_every: int = 50, train_parts: tuple[str, ...] = ("svd", "lora"),
+                   desc: str = "QD-LoRA") -> dict[str, Any]:
+    """Distil the quantized model towards the full-precision one by training only the branches.
+
+    Targets are the float model's restored images (the same network with every quantizer off,
+    before any branch training, when the LoRA part is still zero); the weight quantizers follow
+    the residual W − L1·L2 as it changes (dynamic min-max), activation ranges stay as calibrated.
+    """
+    from toolchain.lowrank.losses import distillation_loss
+    from toolchain.train.trainer import TrainConfig, Trainer, plot_loss_curve
+
+    with torch.no_grad(), quantizers_off(model):
+        teachers = [model(b.to(device)).detach().cpu() for b in batches]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {k: p for k, p in _branch_params(model).items() if any(f".parts.{part}." in k for part in train_parts)}
+    if not params:
+        return {"trained_parameters": 0}
+    for p in params.values():
+        p.requires_grad_(True)
+    for _, layer in quant_layers(model):
+        if layer.lowrank is not None and layer.weight_quantizer is not None:
+            layer.weight_quantizer.dynamic = True
+    if gradient_checkpointing:
+        for part in (model.unet, model.vae):
+            part.enable_gradient_checkpointing()
+    loss = distillation_loss(lpips_weights, w_perceptual, w_mse)
+    order_cache: dict[int, np.ndarray] = {}
+
+    def batch_fn(step: int):
+        epoch, k = divmod(step, len(batches))
+        if epoch not in order_cache:
+            order_cache[epoch] = np.random.default_rng([seed, epoch]).permutation(len(batches))
+        i = int(order_cache[epoch][k])
+        return batches[i], teachers[i]
+
+    def loss_fn(step: int, batch):
+        lq, target = batch
+        return loss(model(lq.to(device)), target.to(device))
+
+    workdir = Path(workdir) if workdir is not None else Path(".qdlora-work")
+    trainer = Trainer(params, loss_fn, batch_fn, workdir, TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                                                                     grad_clip=None), device, desc=desc)
+    history = trainer.run()
+    if history:
+        plot_loss_curve(history, workdir / "loss_curve.png", f"{desc} distillation loss ({loss.label})")
+    for p in params.values():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        for part in (model.unet, model.vae):
+            part.disable_gradient_checkpointing()
+    calibrate_weights(model)  # freeze the weight scales on the final residuals (also ends dynamic mode)
+    first = float(np.mean([h["loss"] for h in history[: max(1, len(history) // 10)]])) if history else None
+    last = float(np.mean([h["loss"] for h in history[-max(1, len(history) // 10):]])) if history else None
+    return {"trained_parameters": int(sum(p.numel() for p in params.values())), "steps": steps, "lr": lr, "loss": loss.label,
+            "loss_first_10pct": first, "loss_last_10pct": last,
+            "history": history[:: max(1, len(history) // 200)], "seconds": round(getattr(trainer, "elapsed", 0.0), 2)}
+
+
+def merge_all(model: nn.Module) -> int:
+    n = 0
+    for _, layer in quant_layers(model):
+        if layer.lowrank is not None:
+            merge_branch(layer)
+            n += 1
+    calibrate_weights(model)
+    return n
