@@ -148,8 +148,14 @@ def hadamard_matrix(n: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _block_tensor(m: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+def _cached_block_tensor(m: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.tensor(_block(m), dtype=dtype, device=device)
+
+
+def _block_tensor(m: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    if torch.jit.is_tracing():  # a tensor cached in one trace must not leak into another
+        return torch.tensor(_block(m), dtype=dtype, device=device)
+    return _cached_block_tensor(m, dtype, device)
 
 
 def _butterfly(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,7 @@ def _butterfly(x: torch.Tensor) -> torch.Tensor:
 
 def hadamard_transform(x: torch.Tensor, dim: int = -1, transpose: bool = False, normalize: bool = True) -> torch.Tensor:
     """y = H·x (or Hᵀ·x) along ``dim`` with the fast factored algorithm; orthonormal by default."""
-    n = x.shape[dim]
+    n = int(x.shape[dim])  # a traced size under torch.onnx tracing; the factorisation needs a plain int
     m, p = factorize(n)
     x = x.movedim(dim, -1)
     lead = x.shape[:-1]

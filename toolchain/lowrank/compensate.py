@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -140,12 +141,17 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
         lq, target = batch
         return loss(model(lq.to(device)), target.to(device))
 
-    workdir = Path(workdir) if workdir is not None else Path(".qdlora-work")
+    scratch = tempfile.TemporaryDirectory(prefix="qdlora-") if workdir is None else None  # no resume without a workdir
+    workdir = Path(workdir) if workdir is not None else Path(scratch.name)
     trainer = Trainer(params, loss_fn, batch_fn, workdir, TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
                                                                      grad_clip=None), device, desc=desc)
-    history = trainer.run()
-    if history:
-        plot_loss_curve(history, workdir / "loss_curve.png", f"{desc} distillation loss ({loss.label})")
+    try:
+        history = trainer.run()
+        if history and scratch is None:
+            plot_loss_curve(history, workdir / "loss_curve.png", f"{desc} distillation loss ({loss.label})")
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     for p in params.values():
         p.requires_grad_(False)
     if gradient_checkpointing:

@@ -148,7 +148,7 @@ class Trainer:
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt state file must not be silently ignored
             raise CheckpointError(f"cannot resume from {self.ckpt_path}: {str(exc).splitlines()[0][:200]}; delete it to start over") from None
-        if set(state["params"]) != set(self.params):
+        if set(state["params"]) != set(self.params) or any(v.shape != self.params[k].shape for k, v in state["params"].items()):
             raise CheckpointError(f"{self.ckpt_path} was written for different trainable parameters; delete it to start over")
         with torch.no_grad():
             for k, v in state["params"].items():

@@ -1,0 +1,49 @@
+"""Which part of the pipeline to export: the whole one-step restorer or one stage of it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from toolchain.errors import ExportError
+
+PARTS = ("full", "unet", "vae_encoder", "vae_decoder", "embedder")
+
+
+class _Part(nn.Module):
+    def __init__(self, model: nn.Module, part: str):
+        super().__init__()
+        self.model = model
+        self.part = part
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.part == "full":
+            return m(inputs[0])
+        if self.part == "vae_encoder":
+            return m.encode(inputs[0])
+        if self.part == "vae_decoder":
+            return m.decode(inputs[0]).clamp(-1.0, 1.0)
+        if self.part == "embedder":
+            return m.prompt(inputs[0])
+        return m.denoise(inputs[0], inputs[1])  # unet: (z_L, prompt) → one-step x0 estimate
+
+
+def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
+    """(module, example inputs, input names, output names) for ``part``."""
+    if part not in PARTS:
+        raise ExportError(f"unknown part '{part}' (choose from {', '.join(PARTS)})")
+    cfg = model.config
+    s, ls = cfg.image_size, cfg.latent_size
+    image = torch.zeros(1, 3, s, s).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(1, model.unet.config.in_channels, ls, ls, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randn(1, cfg.embedder.num_tokens, cfg.embedder.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    table = {
+        "full": ((image,), ["lq_image"], ["restored_image"]),
+        "vae_encoder": ((image,), ["lq_image"], ["latent"]),
+        "vae_decoder": ((latent,), ["latent"], ["image"]),
+        "embedder": ((image,), ["lq_image"], ["prompt"]),
+        "unet": ((latent, prompt), ["latent", "prompt"], ["x0_latent"]),
+    }
+    inputs, in_names, out_names = table[part]
+    return _Part(model, part).eval(), inputs, in_names, out_names

@@ -1,0 +1,88 @@
+"""`toolchain export`: quantized checkpoint (or float model) → ONNX or TFLite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = ("onnx", "tflite")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from export.parts import PARTS
+
+    p = sub.add_parser("export", help="export a checkpoint or float model to ONNX (QDQ) or TFLite",
+                       description="Fold offline transforms and merged low-rank branches into the weights and write a deployable "
+                                   "graph. ONNX: QDQ-annotated (opset 21, INT4 weights where designed), online Hadamard transforms as "
+                                   "quantface.* local functions. TFLite: see README (integer recipe with the checkpoint's own ranges).")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None, help="quantized checkpoint dir (omit and pass --model to export a float model)")
+    p.add_argument("--target", choices=TARGETS, required=True)
+    p.add_argument("--model", type=Path, default=None, help="float model to export instead of a checkpoint")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--out", type=Path, required=True, help="output file (model.onnx / model.tflite); a JSON report is written beside it")
+    p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and spatial size (multiples of the model's downsampling)")
+    p.add_argument("--validate", action="store_true", help="run the exported graph on calibration images and compare with PyTorch")
+    p.add_argument("--calib", type=Path, default=None, help="images for --validate (a calibration set)")
+    p.add_argument("--images", type=int, default=4, help="images used by --validate")
+    p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
+    p.set_defaults(func=run)
+
+
+def load_for_export(args: argparse.Namespace):
+    from toolchain.commands.common import resolve_model_path
+    from toolchain.errors import ConfigError
+    from toolchain.models.storage import load_model
+    from toolchain.quant.checkpoint import load_quantized
+
+    if args.checkpoint is not None:
+        model, meta = load_quantized(args.checkpoint)
+        return model, meta
+    if args.model is None:
+        raise ConfigError("give a quantized checkpoint directory, or --model for a float model")
+    return load_model(resolve_model_path(args.model), args.preset), None
+
+
+def validation_inputs(model, part: str, calib: Path, images: int):
+    import torch
+
+    from calibration.dataset import CalibrationSet
+
+    batches = CalibrationSet.open(calib).batches(model.image_size, 1, limit=images)
+    if part in ("full", "vae_encoder", "embedder"):
+        return [(b,) for b in batches]
+    with torch.no_grad():
+        if part == "vae_decoder":
+            return [(model.denoise(model.encode(b), model.prompt(b)),) for b in batches]
+        return [(model.encode(b), model.prompt(b)) for b in batches]
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.errors import ConfigError
+    from toolchain.io.atomic import atomic_write_json
+
+    model, meta = load_for_export(args)
+    if args.validate and args.calib is None:
+        raise ConfigError("--validate needs --calib (a calibration set to run)")
+    if args.target == "onnx":
+        from export.onnx_backend import export_onnx
+
+        report = export_onnx(model, args.out, part=args.part, dynamic=args.dynamic)
+        if args.validate:
+            from export.validate import validate
+
+            report["validation"] = validate(str(args.out), model, args.part, validation_inputs(model, args.part, args.calib, args.images))
+    else:
+        from export.tflite_backend import export_tflite
+
+        report = export_tflite(model, args.out, part=args.part, meta=meta, mp_table=args.mp_table,
+                               validate_inputs=validation_inputs(model, args.part, args.calib, args.images) if args.validate else None)
+    report["source"] = str(args.checkpoint or args.model)
+    atomic_write_json(args.out.with_suffix(args.out.suffix + ".json"), report)
+    summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers") if k in report}
+    print(json.dumps(summary))
+    if "validation" in report:
+        v = report["validation"]
+        print(json.dumps({k: v[k] for k in v if k != "per_image"}))
+    return 0
