@@ -57,9 +57,14 @@ def hadamard_factors(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ExportQuantLayer(nn.Module):
-    def __init__(self, name: str, layer: nn.Module):
+    """``flavour="qdq"``: explicit quantize/dequantize ops (ONNX). ``flavour="float"``: a float graph
+    with dequantized weights and a clamp to the designed activation range, which a TFLite
+    quantizer turns into integer ops with exactly these ranges (TFLite backend)."""
+
+    def __init__(self, name: str, layer: nn.Module, flavour: str = "qdq"):
         super().__init__()
         self.name = name
+        self.flavour = flavour
         self.is_conv = isinstance(layer, QuantConv2d)
         if self.is_conv:
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
@@ -104,6 +109,8 @@ class ExportQuantLayer(nn.Module):
         lo, hi = (q.spec.qmin - zp) * scale, (q.spec.qmax - zp) * scale
         self.act = ActInfo(q.spec.bits, q.spec.symmetric, scale, zp, name, clamp, lo, hi)
         self.qmin, self.qmax = q.spec.qmin, q.spec.qmax
+        if self.flavour == "float":
+            return
         self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("act_zero_point", torch.tensor(zp, dtype=dtype))
         self.register_buffer("act_lo", torch.tensor(lo, dtype=torch.float32))
@@ -125,6 +132,9 @@ class ExportQuantLayer(nn.Module):
             scale = scale.expand(w.shape[0]).clone()
         s = scale.reshape(-1, *([1] * (w.dim() - 1)))
         w_int = torch.clamp(torch.round(w / s), wq.spec.qmin, wq.spec.qmax).to(torch.int8)
+        if self.flavour == "float":  # integer constants do not survive the TFLite converter; keep W_int·s
+            self.register_buffer("weight_float", w_int.float() * s)
+            return
         self.register_buffer("weight_int", w_int)
         self.register_buffer("weight_scale", scale.clone())
 
@@ -158,14 +168,27 @@ class ExportQuantLayer(nn.Module):
             shape[axis] = -1
             x = x * self.multiplier.reshape(shape)
             if self.rotate:
-                x = Hadamard.apply(x, self.hadamard_m, self.hadamard_p, self.is_conv)
+                x = Hadamard.apply(x, self.hadamard_m, self.hadamard_p, self.is_conv) if self.flavour == "qdq" else \
+                    Hadamard.forward(None, x, self.hadamard_m, self.hadamard_p, self.is_conv)
         branch_in = x
+        if self.flavour == "float":
+            return self._float_forward(x, branch_in)
         if self.act is not None:
             x = ActQDQ.apply(x, self.act_scale, self.act_zero_point, self.act_lo, self.act_hi, self.qmin, self.qmax, self.act.clamp)
         w = WeightDQ.apply(self.weight_int, self.weight_scale) if self.w_bits is not None else self.weight_float
-        y = self._linear_op(x, w)
+        return self._add_branch(self._linear_op(x, w), branch_in, Fp16Weight.apply)
+
+    def _float_forward(self, x: torch.Tensor, branch_in: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            # Always clamp: exact for designs narrower than the container, inert otherwise (quantization
+            # saturates there anyway), and it stops the converter from folding upstream scalings into
+            # this layer's weights, which would change the tensor whose range we designed.
+            x = torch.clamp(x, self.act.lo, self.act.hi)
+        return self._add_branch(self._linear_op(x, self.weight_float), branch_in, lambda t: t.float())
+
+    def _add_branch(self, y: torch.Tensor, branch_in: torch.Tensor, cast) -> torch.Tensor:
         if self.has_branch:
-            down, up = Fp16Weight.apply(self.branch_down), Fp16Weight.apply(self.branch_up)
+            down, up = cast(self.branch_down), cast(self.branch_up)
             if self.is_conv:
                 h = F.conv2d(branch_in, down, None, self.conv_args["stride"], self.conv_args["padding"], self.conv_args["dilation"])
                 y = y + F.conv2d(h, up)
@@ -174,12 +197,12 @@ class ExportQuantLayer(nn.Module):
         return y
 
 
-def export_module(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+def export_module(model: nn.Module, flavour: str = "qdq") -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     """A deep copy of ``model`` with every quantized layer replaced; returns (module, layer info)."""
     module = copy.deepcopy(model).cpu().float().eval()
     info: dict[str, dict[str, Any]] = {}
     for name, layer in list(quant_layers(module)):
-        layer_export = ExportQuantLayer(name, layer)
+        layer_export = ExportQuantLayer(name, layer, flavour)
         set_submodule(module, name, layer_export)
         info[name] = layer_export.describe()
     for p in module.parameters():

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
     p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and spatial size (multiples of the model's downsampling)")
     p.add_argument("--validate", action="store_true", help="run the exported graph on calibration images and compare with PyTorch")
-    p.add_argument("--calib", type=Path, default=None, help="images for --validate (a calibration set)")
+    p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
     p.add_argument("--images", type=int, default=4, help="images used by --validate")
     p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
     p.set_defaults(func=run)
@@ -76,13 +76,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         from export.tflite_backend import export_tflite
 
+        samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
         report = export_tflite(model, args.out, part=args.part, meta=meta, mp_table=args.mp_table,
-                               validate_inputs=validation_inputs(model, args.part, args.calib, args.images) if args.validate else None)
+                               validate_inputs=samples if args.validate else None, calib_inputs=samples)
     report["source"] = str(args.checkpoint or args.model)
     atomic_write_json(args.out.with_suffix(args.out.suffix + ".json"), report)
-    summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers") if k in report}
+    summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
+                                      "scale_mismatches") if k in report}
     print(json.dumps(summary))
     if "validation" in report:
         v = report["validation"]
-        print(json.dumps({k: v[k] for k in v if k != "per_image"}))
+        print(json.dumps({k: v[k] for k in v if k not in ("per_image",)}))
     return 0

@@ -22,6 +22,10 @@ from toolchain.quant.quantizer import QuantSpec
 
 CONFIG_VERSION = 1
 DEFAULT_INCLUDE = [r"^unet\.", r"^vae\."]
+# The time-embedding MLP and the per-resnet time projections see only the fixed timestep of a
+# one-step model: their outputs are constants that every runtime folds away (ORT constant folding,
+# the TFLite converter), so quantizing them would describe ops that never execute.
+DEFAULT_EXCLUDE = [r"time_emb"]
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -63,7 +67,7 @@ class QuantConfig:
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, per_channel=True))
     activation: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=False, per_channel=False))
     include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
-    exclude: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     rules: list[LayerRule] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
@@ -130,7 +134,7 @@ class QuantConfig:
                 weight=QuantSpec.from_dict(d["weight"]) if "weight" in d else QuantSpec(8, True, True),
                 activation=QuantSpec.from_dict(d["activation"]) if "activation" in d else QuantSpec(8),
                 include=list(d.get("include", DEFAULT_INCLUDE)),
-                exclude=list(d.get("exclude", [])),
+                exclude=list(d.get("exclude", DEFAULT_EXCLUDE)),
                 rules=[LayerRule(**r) for r in d.get("rules", [])],
                 params=dict(d.get("params", {})),
                 version=d.get("version", CONFIG_VERSION),

@@ -1,0 +1,346 @@
+"""TFLite backend: export-ready module → float TFLite (litert-torch) → integer TFLite with the
+checkpoint's own scales (ai-edge-quantizer recipes + injected ranges).
+
+Why this route (README "TFLite route"): onnx2tf cannot carry QDQ scales into an integer TFLite,
+and litert-torch's PT2E quantizer silently mis-quantized layers when probed. Here:
+
+1. the float flavour of the folded model (dequantized weights W_int·s, a clamp to each layer's
+   designed activation range, float Hadamard and low-rank branch ops) is converted by litert-torch;
+2. every quantized conv/linear is found in the flatbuffer by its weight values and gets an
+   exact-scope ai-edge-quantizer recipe (CONV_2D / FULLY_CONNECTED, a8 or a16, w4 or w8);
+3. calibration runs only for the tensors we do not design (op outputs); each layer's *input*
+   range is overwritten with the checkpoint's so the int8 scale and zero point equal ours, and
+   the clamp makes 3–6-bit designs exact inside the int8 container;
+4. the result is checked: each layer's TFLite input scale/zero point and weight scales are read
+   back and compared with the checkpoint, and ops that did not become integer are listed.
+
+TFLite has no sub-8-bit activation kernels: ≤ 8 designed bits execute as int8, more as int16
+(symmetric, slow reference kernels on CPU). Deviations from the fake-quant model: conv outputs
+are requantized to int8 with calibrated ranges, biases become int32 at s_x·s_w, and ops between
+quantized layers run in float (DEQUANTIZE/QUANTIZE around them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.parts import part_module
+from export.prepare import export_module
+from toolchain.errors import ExportError
+from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
+
+METADATA_KEY = "quantface_precision"
+
+
+def convert_float(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
+    import litert_torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        edge = litert_torch.convert(module.eval(), inputs)
+        edge.export(str(Path(tmp) / "float.tflite"))
+        return (Path(tmp) / "float.tflite").read_bytes()
+
+
+def _op_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def _tensor_name(t) -> str:
+    return t.name.decode() if isinstance(t.name, bytes) else t.name
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.float64).ravel()
+    return v / max(float(np.abs(v).max()), 1e-30)
+
+
+def constant_input_layers(module: torch.nn.Module, wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> set[str]:
+    """Layers whose input does not depend on the model input (e.g. the time embedding of a one-step
+    model): converters fold them into constants, so they have no op to quantize."""
+    from export.prepare import ExportQuantLayer
+
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.setdefault(n, []).append(a[0].detach().clone()))
+             for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)]
+    try:
+        with torch.no_grad():
+            wrapped(*inputs)
+            wrapped(*[t + 0.25 * torch.randn(t.shape, generator=torch.Generator().manual_seed(7)) for t in inputs])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n for n, xs in seen.items() if len(xs) == 2 and torch.equal(xs[0], xs[1])}
+
+
+def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[str], constant: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Quantized layer → its CONV_2D / FULLY_CONNECTED op (input/output/weight tensor names), found by
+    weight values up to a positive global factor (the converter folds constant multipliers such as the
+    attention 1/√d into the preceding weights)."""
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(float_bytes))
+    sg = model.subgraphs[0]
+    names = _op_names()
+    codes = [fbu.get_builtin_code_from_operator_code(c) for c in model.operatorCodes]
+    by_shape: dict[tuple, list[dict[str, Any]]] = {}
+    for op in sg.operators:
+        kind = names.get(codes[op.opcodeIndex])
+        if kind not in ("CONV_2D", "FULLY_CONNECTED"):
+            continue
+        w = sg.tensors[op.inputs[1]]
+        data = model.buffers[w.buffer].data
+        if data is None or len(data) == 0:
+            continue
+        by_shape.setdefault(tuple(int(d) for d in w.shape), []).append({
+            "op": kind, "input": _tensor_name(sg.tensors[op.inputs[0]]), "output": _tensor_name(sg.tensors[op.outputs[0]]),
+            "weight": _tensor_name(w), "values": _normalised(np.frombuffer(bytes(data), dtype=np.float32))})
+    found: dict[str, dict[str, Any]] = {}
+    for name in layer_names:
+        w = module.get_submodule(name).weight_float
+        w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # TFLite conv weights are OHWI
+        ours = _normalised(w.detach().numpy())
+        pool = by_shape.get(tuple(w.shape), [])
+        hit = next((c for c in pool if np.allclose(c["values"], ours, atol=1e-5)), None)
+        if hit is None and name in constant:
+            continue  # folded into a constant by the converter
+        if hit is None:
+            raise ExportError(f"layer {name}: no CONV_2D/FULLY_CONNECTED op with its weights in the converted TFLite graph "
+                              "(the converter changed it; it cannot be quantized with the checkpoint's scales)")
+        pool.remove(hit)
+        found[name] = {k: v for k, v in hit.items() if k != "values"}
+    return found
+
+
+def _container(bits: int) -> int:
+    if bits <= 8:
+        return 8
+    if bits <= 16:
+        return 16
+    raise ExportError(f"{bits}-bit activations have no TFLite container")
+
+
+def _designed_range(act: dict[str, Any], container_bits: int) -> tuple[float, float]:
+    """Range to hand the quantizer so its int8/int16 scale equals the designed scale."""
+    s, lo = act["scale"], act["lo"]
+    if container_bits == 8:
+        return lo, lo + 255.0 * s
+    bound = max(abs(act["lo"]), abs(act["hi"]))  # int16 is symmetric in TFLite: nearest representable design
+    return -bound, bound
+
+
+def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module, info: dict[str, dict[str, Any]],
+                                    calib_inputs: list[tuple[torch.Tensor, ...]], constant: set[str]) -> tuple[bytes, dict[str, Any]]:
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer import quantizer as aeq
+
+    quant_layers = [n for n, d in info.items() if d.get("act") is not None and d["w_bits"] is not None]
+    ops = match_layers(float_bytes, module, quant_layers, constant)
+    q = aeq.Quantizer(bytearray(float_bytes))
+    plan: dict[str, dict[str, Any]] = {}
+    for name in ops:
+        d, op = info[name], ops[name]
+        a_cont = _container(d["act"]["bits"])
+        if d["w_bits"] > 8:
+            raise ExportError(f"layer {name}: {d['w_bits']}-bit weights are not supported by TFLite kernels")
+        w_cont = 4 if d["w_bits"] <= 4 else 8
+        # an op's scope is its output tensor names joined with ";" plus a trailing ";"
+        q.add_static_config(f"^{re.escape(op['output'])};$", getattr(qtyping.TFLOperationName, op["op"]), a_cont, w_cont)
+        plan[name] = {**op, "a_container": a_cont, "w_container": w_cont}
+    sig = "serving_default"
+    data = {sig: [{f"args_{i}": t.numpy() for i, t in enumerate(inp)} for inp in calib_inputs]}
+    calib = q.calibrate(data)
+    for name, p in plan.items():
+        lo, hi = _designed_range(info[name]["act"], p["a_container"])
+        own = calib.get(p["input"])
+        if own is None:
+            raise ExportError(f"layer {name}: the quantizer collected no statistics for its input tensor {p['input']}")
+        calib[p["input"]] = {**own, "min": np.full_like(own["min"], lo), "max": np.full_like(own["max"], hi)}
+    result = q.quantize(calib, enable_progress_report=False)
+    return bytes(result.quantized_model), plan
+
+
+def read_back(qbytes: bytes, plan: dict[str, dict[str, Any]], info: dict[str, dict[str, Any]], module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Compare the TFLite quantization parameters of every layer with the checkpoint's."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=qbytes)
+    by_index = {d["index"]: d for d in it.get_tensor_details()}
+    # the quantizer inserts QUANTIZE ops and renames tensors: find each layer's op by its output name
+    op_by_output = {by_index[o["outputs"][0]]["name"]: o for o in it._get_ops_details() if len(o["outputs"]) and o["outputs"][0] >= 0}
+    table: dict[str, dict[str, Any]] = {}
+    for name, p in plan.items():
+        act = info[name]["act"]
+        op = op_by_output.get(p["output"])
+        tin = by_index.get(op["inputs"][0]) if op else None
+        w = by_index.get(op["inputs"][1]) if op else None
+        row: dict[str, Any] = {"designed_a_bits": act["bits"], "designed_w_bits": info[name]["w_bits"], "op": p["op"],
+                               "clamp_to_designed_range": bool(act["clamp"])}
+        if tin is None or w is None:
+            row.update({"executed": "missing", "integer": False})
+            table[name] = row
+            continue
+        in_dtype = np.dtype(tin["dtype"]).name
+        w_dtype = np.dtype(w["dtype"]).name
+        s_in = tin["quantization_parameters"]["scales"]
+        z_in = tin["quantization_parameters"]["zero_points"]
+        row.update({"executed_activation": in_dtype, "executed_weight": "int4" if p["w_container"] == 4 and w_dtype in ("int8", "int4") else w_dtype,
+                    "integer": in_dtype in ("int8", "int16") and w_dtype in ("int8", "int4")})
+        if len(s_in):
+            row["tflite_act_scale"], row["tflite_act_zero_point"] = float(s_in[0]), int(z_in[0])
+            if p["a_container"] == 8:
+                row["act_scale_matches"] = abs(float(s_in[0]) - act["scale"]) <= 1e-6 * act["scale"]
+                row["act_zero_point_matches"] = int(z_in[0]) == act["zero_point"] - 128 if not act["symmetric"] else int(z_in[0]) == 0
+        ws = w["quantization_parameters"]["scales"]
+        if len(ws):
+            ours = module.get_submodule(name).weight_float
+            flat = ours.reshape(ours.shape[0], -1).abs().amax(1).numpy() / (7 if p["w_container"] == 4 else 127)
+            ratio = ws / np.maximum(flat, 1e-12)
+            # one common factor = a constant the converter folded into the weights; the integer grid is unchanged
+            row["weight_scale_factor"] = float(np.median(ratio))
+            row["weight_grid_matches"] = bool(np.max(np.abs(ratio / np.median(ratio) - 1)) <= 1e-5)
+        table[name] = row
+    return table
+
+
+def add_metadata(tflite: bytes, key: str, payload: dict[str, Any]) -> bytes:
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(tflite))
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8)
+    model.buffers.append(buf)
+    meta = schema.MetadataT()
+    meta.name = key
+    meta.buffer = len(model.buffers) - 1
+    model.metadata = (model.metadata or []) + [meta]
+    return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def read_metadata(tflite: bytes, key: str = METADATA_KEY) -> dict[str, Any] | None:
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(tflite))
+    for m in model.metadata or []:
+        name = m.name.decode() if isinstance(m.name, bytes) else m.name
+        if name == key:
+            return json.loads(bytes(model.buffers[m.buffer].data).decode())
+    return None
+
+
+def op_census(tflite: bytes) -> dict[str, Any]:
+    """Op types and whether each runs on integer or float inputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=tflite)
+    details = it.get_tensor_details()
+    dtype_of = {d["index"]: np.dtype(d["dtype"]).name for d in details}
+    integer: dict[str, int] = {}
+    floating: dict[str, int] = {}
+    for op in it._get_ops_details():
+        first = next((i for i in op["inputs"] if i >= 0), None)
+        kind = op["op_name"]
+        target = integer if first is not None and dtype_of.get(first, "") in ("int8", "int16", "uint8") else floating
+        target[kind] = target.get(kind, 0) + 1
+    return {"integer_ops": integer, "float_ops": floating}
+
+
+def run_tflite(tflite: bytes, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=tflite, num_threads=threads)
+    runner = it.get_signature_runner()
+    out = runner(**{f"args_{i}": t.numpy() for i, t in enumerate(inputs)})
+    return next(iter(out.values()))
+
+
+def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "full", meta: dict | None = None,
+                  mp_table: str | os.PathLike | None = None, validate_inputs: list[tuple[torch.Tensor, ...]] | None = None,
+                  calib_inputs: list[tuple[torch.Tensor, ...]] | None = None) -> dict[str, Any]:
+    """Write ``out`` (integer TFLite, or float for a float model) and ``<stem>_float.tflite``; return a report."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    module, info = export_module(model, "float")
+    wrapped, inputs, in_names, _ = part_module(module, part)
+    float_bytes = convert_float(wrapped, inputs)
+    float_path = out.with_name(out.stem + "_float.tflite")
+    atomic_write_bytes(float_path, float_bytes)
+    report: dict[str, Any] = {"path": str(out), "float_path": str(float_path), "part": part, "float_bytes": len(float_bytes)}
+    quantized = any(d.get("act") is not None for d in info.values())
+    if not quantized:
+        atomic_write_bytes(out, float_bytes)
+        report.update({"bytes": len(float_bytes), "quantized": False})
+        return report
+    calib_inputs = calib_inputs or validate_inputs
+    if not calib_inputs:
+        raise ExportError("an integer TFLite export needs calibration images for the op outputs (--calib)")
+    constant = constant_input_layers(module, wrapped, inputs)
+    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, info, calib_inputs, constant)
+    table = read_back(qbytes, plan, info, module)
+    folded = sorted(set(n for n, d in info.items() if d.get("act") is not None) - set(plan))
+    fallbacks = [n for n, r in table.items() if not r.get("integer")]
+    precision = {"format": "quantface-tflite-precision", "version": 1, "part": part, "layers": table,
+                 "float_fallback_layers": fallbacks, "folded_constant_layers": folded,
+                 "notes": "TFLite executes <=8 designed activation bits as int8 with the designed scale (clamped to the designed "
+                          "range where narrower than int8), >8 as symmetric int16."}
+    qbytes = add_metadata(qbytes, METADATA_KEY, {k: v for k, v in precision.items() if k != "layers"} |
+                          {"layers": {n: {k: r.get(k) for k in ("designed_a_bits", "executed_activation", "designed_w_bits", "executed_weight")}
+                                      for n, r in table.items()}})
+    atomic_write_bytes(out, qbytes)
+    atomic_write_json(out.with_suffix(".precision.json"), precision)
+    if mp_table:
+        _annotate_table(mp_table, table, out.with_suffix(".mp_table.json"))
+    report.update({"bytes": len(qbytes), "quantized": True, "layers_quantized": len(table), "float_fallback_layers": fallbacks,
+                   "folded_constant_layers": folded,
+                   "scale_mismatches": [n for n, r in table.items() if r.get("act_scale_matches") is False or r.get("act_zero_point_matches") is False],
+                   "ops": op_census(qbytes), "seconds": round(time.perf_counter() - t0, 1),
+                   "int4_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int4")})
+    if validate_inputs:
+        report["validation"] = validate_tflite(qbytes, float_bytes, model, part, validate_inputs)
+    return report
+
+
+def _annotate_table(mp_table: str | os.PathLike, table: dict[str, dict[str, Any]], dst: Path) -> None:
+    from toolchain.alloc.table import load_table, save_table
+
+    t = load_table(mp_table)
+    for layer in t["layers"]:
+        row = table.get(layer["name"])
+        if row is None:
+            continue
+        layer.setdefault("targets", {})["tflite"] = {"container": row.get("executed_activation", "float"), "designed_a_bits": row["designed_a_bits"],
+                                                     "clamp": row["clamp_to_designed_range"], "weight_container": row.get("executed_weight", "float")}
+    save_table(t, dst)
+
+
+def validate_tflite(qbytes: bytes, float_bytes: bytes, model: torch.nn.Module, part: str, inputs: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+    """Integer TFLite vs the PyTorch fake-quant model and vs full precision (the float TFLite of the same folded network with
+    quantizers off is the PyTorch model itself with quantizers off)."""
+    from export.onnx_backend import compare
+    from toolchain.quant.calibrate import quantizers_off
+
+    image = part in ("full", "vae_decoder")
+    rows = []
+    for inp in inputs:
+        wrapped, _, _, _ = part_module(model, part)
+        with torch.no_grad():
+            fq = wrapped(*inp).numpy()
+            with quantizers_off(model):
+                fp = wrapped(*inp).numpy()
+        tq = run_tflite(qbytes, inp)
+        rows.append({"vs_fake_quant": compare(tq, fq, image), "vs_fp": compare(tq, fp, image), "fake_quant_vs_fp": compare(fq, fp, image)})
+    key = "psnr_db" if image else "max_abs_error"
+    agg = lambda k: float(np.median([r[k][key] for r in rows]))  # noqa: E731
+    return {"images": len(rows), "metric": key, "median_vs_fake_quant": agg("vs_fake_quant"), "median_vs_fp": agg("vs_fp"),
+            "median_fake_quant_vs_fp": agg("fake_quant_vs_fp"), "per_image": rows}
