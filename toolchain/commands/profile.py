@@ -1,0 +1,74 @@
+"""`toolchain profile`: latency of an exported model on the host or, over adb, on a phone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure latency of a .tflite/.onnx model on the host or a phone (adb)",
+                       description="Host: LiteRT interpreter (threads, XNNPACK on/off) or ONNX Runtime with per-layer times. "
+                                   "--adb: push to a connected phone, run LiteRT's benchmark_model with op profiling and parse it. "
+                                   "--logcat: parse the Android demo's timing lines. Writes profile.json and a per-layer chart.")
+    p.add_argument("model", type=Path, nargs="?", help=".tflite or .onnx file")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: <model>.profile/)")
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-xnnpack", action="store_true", help="host TFLite: builtin kernels only")
+    p.add_argument("--designed", type=Path, default=None, help="mp_table.json or <model>.precision.json to chart designed bits")
+    p.add_argument("--adb", action="store_true", help="run on a connected Android device with benchmark_model")
+    p.add_argument("--adb-path", default="adb")
+    p.add_argument("--serial", default=None, help="adb device serial")
+    p.add_argument("--device-dir", default="/data/local/tmp")
+    p.add_argument("--benchmark-binary", default=None, help="benchmark_model path on the device (default <device-dir>/benchmark_model)")
+    p.add_argument("--delegate", default="xnnpack", help="adb: cpu, xnnpack, gpu or nnapi")
+    p.add_argument("--parse", type=Path, default=None, help="parse a saved benchmark_model output instead of running")
+    p.add_argument("--logcat", type=Path, default=None, help="parse the Android demo's logcat timings")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.errors import ConfigError
+    from toolchain.profile.report import designed_bits, write_report
+
+    if args.logcat:
+        from toolchain.profile.adb import parse_demo_logcat
+
+        report = parse_demo_logcat(args.logcat.read_text(errors="replace"))
+    elif args.parse:
+        from toolchain.profile.benchmark_parser import parse_benchmark_output
+
+        report = parse_benchmark_output(args.parse.read_text(errors="replace"))
+        report["runtime"] = "benchmark_model (parsed)"
+    elif args.model is None or not args.model.is_file():
+        raise ConfigError(f"model file not found: {args.model}")
+    elif args.adb:
+        from toolchain.profile.adb import profile_over_adb
+
+        report = profile_over_adb(args.model, args.adb_path, args.device_dir, args.benchmark_binary, args.threads, args.runs, args.warmup,
+                                  args.delegate, args.serial)
+    else:
+        from toolchain.profile.host import host_info, profile_onnx, profile_tflite
+
+        if args.model.suffix == ".tflite":
+            report = profile_tflite(args.model, args.threads, args.runs, args.warmup, not args.no_xnnpack)
+        elif args.model.suffix == ".onnx":
+            report = profile_onnx(args.model, args.threads, args.runs, args.warmup)
+        else:
+            raise ConfigError(f"{args.model}: profile .tflite or .onnx files")
+        report["host"] = host_info()
+    report["model"] = str(args.model) if args.model else None
+    designed = args.designed
+    if designed is None and args.model is not None:  # the export's own sidecar, if it is beside the model
+        for side in (args.model.with_suffix(".precision.json"), Path(str(args.model) + ".json")):
+            if side.is_file():
+                designed = side
+                break
+    out = args.out or Path(str(args.model or args.logcat or args.parse) + ".profile")
+    path = write_report(report, out, designed_bits(designed))
+    inf = report.get("inference_ms") or {}
+    print(json.dumps({"runtime": report.get("runtime"), "median_ms": inf.get("median", inf.get("avg")), "report": str(path)}))
+    return 0

@@ -1,0 +1,1 @@
+"""Latency profiling: host runs (LiteRT interpreter, ONNX Runtime) and phones (adb + benchmark_model)."""
