@@ -60,7 +60,14 @@ def environment() -> dict:
         pass
     return {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()}
+            "git": _git_revision()}
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def command_line() -> str:

@@ -90,14 +90,20 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
         report = _postprocess(proto, layer_info)
-        external = proto.ByteSize() > _TWO_GB
+        external = sum(len(i.raw_data) for i in proto.graph.initializer) > _TWO_GB - 64 * 2**20  # serialisation limit
         try:
-            onnx.checker.check_model(proto if not external else str(raw), full_check=not external)
+            if not external:
+                onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
         staged = Path(tmp) / out.name
         onnx.save_model(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
                         location=out.name + ".data" if external else None)
+        if external:  # the checker reads large models from disk
+            try:
+                onnx.checker.check_model(str(staged))
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0][:300]}") from None
         out.parent.mkdir(parents=True, exist_ok=True)
         for f in Path(tmp).iterdir():
             if f.name.startswith(out.name):
