@@ -168,8 +168,8 @@ def _layer_plan(name: str, layer: nn.Module, absmax: torch.Tensor, producer: str
                 mode: str, alpha: float, seed: int) -> LayerPlan:
     c = absmax.numel()
     if mode in ("scale", "rotate-scale"):
-        x_max = absmax.double().clamp(min=1e-5)
-        w_max = weight_input_absmax(layer.weight).double().clamp(min=1e-5)
+        x_max = absmax.double().cpu().clamp(min=1e-5)
+        w_max = weight_input_absmax(layer.weight).double().cpu().clamp(min=1e-5)
         s = x_max.pow(alpha) / w_max.pow(1.0 - alpha)
         s = s / math.exp(float(s.log().mean()))  # unit geometric mean: keeps magnitudes stable
     else:

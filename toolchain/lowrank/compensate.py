@@ -61,7 +61,7 @@ def refine_svd(model: nn.Module, absmax: dict[str, torch.Tensor], iterations: in
             continue
         spec = layer.weight_quantizer.spec
         w = layer.weight.detach().double()
-        m = absmax[name].double().reshape(1, -1, *([1] * (w.dim() - 2)))
+        m = absmax[name].double().to(w.device).reshape(1, -1, *([1] * (w.dim() - 2)))
 
         def quant(t: torch.Tensor) -> torch.Tensor:
             v = t.flatten(1)
