@@ -14,7 +14,7 @@ import sys
 
 from toolchain import __version__
 
-VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "model", "methods", "train_reference"]
+VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "compare", "model", "methods", "train_reference"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,124 @@
+"""Method comparison: quantize → restore → evaluate for methods × bit settings, one table.
+
+A spec (JSON) lists runs: ``{"label", "method", "params", "bits": [...], "mp": {...}?}``. Each
+(run, bits) is quantized once into ``<work>/<label>-<bits>/`` (reused on a rerun, so an
+interrupted comparison resumes), restored on the held-out set and scored against HQ and against
+the float model. ``mp`` runs first quantize uniformly, allocate activation bits under the
+uniform-A budget of the same bits, and re-quantize with the table (QuantFace-MP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibration.dataset import CalibrationSet
+from toolchain.eval.accounting import count
+from toolchain.eval.evaluate import load_eval_set, restore_set, score
+from toolchain.eval.grid import save_grid
+from toolchain.io.atomic import atomic_write_json, atomic_write_text
+from toolchain.methods.registry import MethodContext
+from toolchain.models.storage import load_model
+from toolchain.quant.api import quantize_
+from toolchain.quant.checkpoint import load_quantized, save_quantized
+from toolchain.quant.config import QuantConfig
+
+METRICS = ["psnr", "ssim", "st_lpips", "fd_stlpips"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-").lower()
+
+
+def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: list[torch.Tensor], out: Path, work: Path,
+              device: torch.device, rules: list | None = None) -> dict:
+    key = hashlib.sha256(json.dumps([str(model_path), method, bits, params, rules or []], sort_keys=True).encode()).hexdigest()[:12]
+    stamp = out / "spec_key.txt"
+    if (out / "quant_config.json").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return json.loads((out / "quant_config.json").read_text())["summary"]
+    model = load_model(model_path).to(device)
+    cfg = QuantConfig.for_bits(method, bits, params=dict(params))
+    if rules:
+        cfg.rules += rules
+    summary = quantize_(model, cfg, MethodContext(calib, workdir=work / f".{out.name}.work", device=device))
+    save_quantized(model.cpu(), cfg, out, summary)
+    stamp.write_text(key)
+    return summary
+
+
+def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path, eval_dir: Path, out: Path, work: Path,
+                   device: torch.device, batch_size: int = 8, name: str = "compare") -> dict[str, Any]:
+    fp = load_model(model_path).to(device)
+    size = fp.image_size
+    calib = CalibrationSet.open(calib_dir).batches(size, 4)
+    ev = CalibrationSet.open(eval_dir)
+    lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size)
+    fp_out = restore_set(fp, lq_batches, device, "FP")
+    example = torch.zeros(1, 3, size, size, device=device)
+    rows: list[dict[str, Any]] = [
+        {"label": "LQ input", "bits": "-", "vs_hq": score(lq, hq, METRICS)},
+        {"label": "FP", "bits": "W32A32", "vs_hq": score(fp_out, hq, METRICS), "accounting": count(fp, example).to_dict(per_layer=False)},
+    ]
+    grids: dict[str, dict[str, torch.Tensor]] = {}
+    for run in spec:
+        for bits in run["bits"]:
+            label = run["label"]
+            ck = work / _slug(f"{label}-{bits}")
+            t0 = time.perf_counter()
+            summary = _quantize(model_path, run["method"], bits, run.get("params", {}), calib, ck, work, device)
+            bits_label = bits.upper()
+            if run.get("mp"):
+                from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
+                from toolchain.alloc.errors import error_table
+                from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
+                from toolchain.alloc.table import table_rules
+
+                mp = run["mp"]
+                alloc_dir = work / _slug(f"{label}-{bits}-alloc")
+                sens = run_sensitivity(ck, calib_dir, alloc_dir, SweepSettings(metric=mp.get("metric", "st_lpips"), epsilon=mp.get("epsilon", 0.02),
+                                                                            images=mp.get("images", 4)), mp.get("workers", 1), str(device))
+                errs = error_table(ck, calib_dir, mp.get("bits", [3, 4, 5, 6]), images=mp.get("images", 4), device=str(device))
+                a = int(bits.lower().split("a")[1])
+                table = build_table(sens, errs, SolveSettings(budget_bits=float(a), pins=[parse_pin(p) for p in mp.get("pins", [])]), str(ck), alloc_dir,
+                                    {"metric": next(iter(sens.values()))["metric"], "epsilon": mp.get("epsilon", 0.02)})
+                ck = work / _slug(f"{label}-{bits}-mp")
+                summary = _quantize(model_path, run["method"], bits, run.get("params", {}), calib, ck, work, device, table_rules(table))
+                bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
+            model, _ = load_quantized(ck, device)
+            out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
+            row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
+                   "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
+                   "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
+                   "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds")}}
+            rows.append(row)
+            grids.setdefault(bits, {"LQ": lq, "FP": fp_out})[label] = out_imgs
+            print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}  "
+                  f"| vs FP PSNR {row['vs_fp']['psnr']:.2f}", flush=True)
+            _write(rows, out, name, model_path, calib_dir, eval_dir)
+    for bits, cols in grids.items():
+        cols["HQ"] = hq
+        save_grid(out / f"{name}_grid_{bits}.png", cols, max_rows=4, cell=128)
+    return _write(rows, out, name, model_path, calib_dir, eval_dir)
+
+
+def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, calib: Path, ev: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"model": str(model_path), "calibration": str(calib), "eval": str(ev), "metrics": METRICS, "rows": rows}
+    atomic_write_json(out / f"{name}.json", doc)
+    head = ("| Bits | Method | PSNR↑ | SSIM↑ | ST-LPIPS↓ | FD-STLPIPS↓ | PSNR vs FP↑ | ST-LPIPS vs FP↓ | Params (M, paper conv.) | Ops (G, paper conv.) | Size (MB, honest) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        h, f = r["vs_hq"], r.get("vs_fp", {})
+        acc = r.get("accounting", {})
+        lines.append(f"| {r['bits']} | {r['label']} | {h['psnr']:.2f} | {h['ssim']:.4f} | {h['st_lpips']:.4f} | {h.get('fd_stlpips', float('nan')):.2f} | "
+                     + (f"{f['psnr']:.2f} | {f['st_lpips']:.4f} | " if f else "– | – | ")
+                     + (f"{acc['paper']['params_M']:.2f} | {acc['paper']['ops_G']:.2f} | {acc['honest']['size_MB']:.2f} |" if acc else "– | – | – |"))
+    atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
+    return doc
