@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -110,17 +108,14 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
     the residual W − L1·L2 as it changes (dynamic min-max), activation ranges stay as calibrated.
     """
     from toolchain.lowrank.losses import distillation_loss
-    from toolchain.train.trainer import TrainConfig, Trainer, plot_loss_curve
+    from toolchain.train.fit import fit
 
-    with torch.no_grad(), quantizers_off(model):
-        teachers = [model(b.to(device)).detach().cpu() for b in batches]
+    teachers = fp_targets(model, batches, device)
     for p in model.parameters():
         p.requires_grad_(False)
     params = {k: p for k, p in _branch_params(model).items() if any(f".parts.{part}." in k for part in train_parts)}
     if not params:
         return {"trained_parameters": 0}
-    for p in params.values():
-        p.requires_grad_(True)
     for _, layer in quant_layers(model):
         if layer.lowrank is not None and layer.weight_quantizer is not None:
             layer.weight_quantizer.dynamic = True
@@ -128,41 +123,21 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
         for part in (model.unet, model.vae):
             part.enable_gradient_checkpointing()
     loss = distillation_loss(lpips_weights, w_perceptual, w_mse)
-    order_cache: dict[int, np.ndarray] = {}
-
-    def batch_fn(step: int):
-        epoch, k = divmod(step, len(batches))
-        if epoch not in order_cache:
-            order_cache[epoch] = np.random.default_rng([seed, epoch]).permutation(len(batches))
-        i = int(order_cache[epoch][k])
-        return batches[i], teachers[i]
-
-    def loss_fn(step: int, batch):
-        lq, target = batch
-        return loss(model(lq.to(device)), target.to(device))
-
-    scratch = tempfile.TemporaryDirectory(prefix="qdlora-") if workdir is None else None  # no resume without a workdir
-    workdir = Path(workdir) if workdir is not None else Path(scratch.name)
-    trainer = Trainer(params, loss_fn, batch_fn, workdir, TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
-                                                                     grad_clip=None), device, desc=desc)
     try:
-        history = trainer.run()
-        if history and scratch is None:
-            plot_loss_curve(history, workdir / "loss_curve.png", f"{desc} distillation loss ({loss.label})")
+        result = fit(params, lambda step, i: loss(model(batches[i].to(device)), teachers[i].to(device)), len(batches), steps, lr, seed,
+                     device, workdir, desc, checkpoint_every=checkpoint_every, title=f"{desc} distillation loss ({loss.label})")
     finally:
-        if scratch is not None:
-            scratch.cleanup()
-    for p in params.values():
-        p.requires_grad_(False)
-    if gradient_checkpointing:
-        for part in (model.unet, model.vae):
-            part.disable_gradient_checkpointing()
+        if gradient_checkpointing:
+            for part in (model.unet, model.vae):
+                part.disable_gradient_checkpointing()
     calibrate_weights(model)  # freeze the weight scales on the final residuals (also ends dynamic mode)
-    first = float(np.mean([h["loss"] for h in history[: max(1, len(history) // 10)]])) if history else None
-    last = float(np.mean([h["loss"] for h in history[-max(1, len(history) // 10):]])) if history else None
-    return {"trained_parameters": int(sum(p.numel() for p in params.values())), "steps": steps, "lr": lr, "loss": loss.label,
-            "loss_first_10pct": first, "loss_last_10pct": last,
-            "history": history[:: max(1, len(history) // 200)], "seconds": round(getattr(trainer, "elapsed", 0.0), 2)}
+    return {**result, "loss": loss.label}
+
+
+def fp_targets(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The float model's restored images (every quantizer off), kept on the CPU."""
+    with torch.no_grad(), quantizers_off(model):
+        return [model(b.to(device)).detach().cpu() for b in batches]
 
 
 def merge_all(model: nn.Module) -> int:
