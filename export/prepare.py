@@ -87,6 +87,7 @@ class ExportQuantLayer(nn.Module):
         if t.rotate and t.block != t.channels:
             raise ExportError(f"layer {self.name}: a block-diagonal online rotation (block {t.block} of {t.channels}) cannot be exported")
         self.register_buffer("multiplier", t.multiplier.detach().float().clone())
+        self.register_buffer("shift", t.shift.detach().float().clone() if t.shift is not None else None)
         self.rotate = t.rotate
         if t.rotate:
             hm, hp = hadamard_factors(t.channels)
@@ -99,7 +100,8 @@ class ExportQuantLayer(nn.Module):
         if q is None:
             return
         if q.spec.per_channel:
-            raise ExportError(f"layer {self.name}: per-channel activation quantization is not supported by the exporters")
+            raise ExportError(f"layer {self.name}: per-channel (split) activation quantization is not supported by the exporters; "
+                              "for Q-Diffusion quantize with params {\"split_shortcut\": false} to export")
         if not bool(q.initialized):
             raise ExportError(f"layer {self.name}: activation quantizer was never calibrated")
         name, dtype, cmin, cmax = container_for(q.spec.bits, q.spec.symmetric)
@@ -166,6 +168,8 @@ class ExportQuantLayer(nn.Module):
             axis = 1 if self.is_conv else -1
             shape = [1] * x.dim()
             shape[axis] = -1
+            if self.shift is not None:
+                x = x - self.shift.reshape(shape)
             x = x * self.multiplier.reshape(shape)
             if self.rotate:
                 x = Hadamard.apply(x, self.hadamard_m, self.hadamard_p, self.is_conv) if self.flavour == "qdq" else \

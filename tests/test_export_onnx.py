@@ -76,6 +76,8 @@ def test_w4a4_export_matches_fake_quant_end_to_end(tiny_model_path, tmp_path):
 @pytest.mark.parametrize("method,bits,params", [
     ("minmax", "w8a8", {}),
     ("quantface", "w4a4", {"svd_rank": 2, "lora_rank": 2, "train_steps": 2, "lr": 1e-3}),
+    ("passionsr", "w4a4", {"epochs": 1, "lr": 1e-3}),  # online offset + scale before the quantizer
+    ("qartsr", "w4a4", {"timestep_offsets": [-100], "steps_per_module": 0, "e2e_steps": 2}),  # a non-default timestep to fold
 ])
 def test_export_is_exact_per_layer_and_as_good_as_fake_quant(tiny_model_path, tmp_path, method, bits, params):
     """Fake quantization is discontinuous at float precision (export/validate.py): ORT and PyTorch agree

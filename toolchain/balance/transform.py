@@ -80,16 +80,20 @@ def _broadcast(v: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
 class OnlineBalance(nn.Module):
     """x' = H·(m ⊙ x) along the channel axis at run time (m = σ/s)."""
 
-    def __init__(self, channels: int, axis: int, rotate: bool, block: int | None = None):
+    def __init__(self, channels: int, axis: int, rotate: bool, block: int | None = None, shift: bool = False):
         super().__init__()
         self.channels = channels
         self.axis = axis
         self.rotate = rotate
         self.block = block or channels
         self.register_buffer("multiplier", torch.ones(channels))
+        # x' = H·(m ⊙ (x − δ)): the per-channel offset δ of PassionSR's equivalent transformation
+        self.register_buffer("shift", torch.zeros(channels) if shift else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.axis if self.axis >= 0 else x.dim() + self.axis
+        if self.shift is not None:
+            x = x - _broadcast(self.shift.to(x.dtype), x, axis)
         x = x * _broadcast(self.multiplier.to(x.dtype), x, axis)
         if self.rotate:
             x = rotate_axis(x, axis, self.block)
@@ -97,13 +101,15 @@ class OnlineBalance(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "balance", "channels": self.channels, "axis": self.axis, "rotate": self.rotate, "block": self.block}
+        if self.shift is not None:
+            d["shift"] = True
         if self.rotate:
             d["hadamard_factors"] = list(factorize(self.block))
         return d
 
     def count_macs(self, x: torch.Tensor, out: torch.Tensor) -> tuple[str, int, int]:
         positions = x[0].numel() // self.channels
-        per = self.channels  # the elementwise scale
+        per = self.channels * (2 if self.shift is not None else 1)  # the elementwise offset and scale
         if self.rotate:
             ops = transform_ops(self.block)
             per += (self.channels // self.block) * (ops["adds"] + ops["macs"])
@@ -112,7 +118,7 @@ class OnlineBalance(nn.Module):
 
 @register_component("balance")
 def _build_balance(desc: dict[str, Any], layer: nn.Module) -> nn.Module:
-    return OnlineBalance(desc["channels"], desc["axis"], desc["rotate"], desc.get("block"))
+    return OnlineBalance(desc["channels"], desc["axis"], desc["rotate"], desc.get("block"), desc.get("shift", False))
 
 
 @dataclass

@@ -49,7 +49,7 @@ def distillation_loss(lpips_weights: str | Path | None, w_perceptual: float = 0.
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         p = perc(student, teacher)
         m = F.mse_loss(student.float(), teacher.float())
-        return w_perceptual * p + w_mse * m, {"perceptual": float(p), "mse": float(m)}
+        return w_perceptual * p + w_mse * m, {"perceptual": float(p.detach()), "mse": float(m.detach())}
 
     loss.label = f"{w_perceptual}·{label} + {w_mse}·MSE"  # type: ignore[attr-defined]
     return loss

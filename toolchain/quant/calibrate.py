@@ -92,20 +92,23 @@ def calibrate_activations(
     checkpoint_every: int = 4,
     forward=None,
     desc: str = "calibrating activations",
+    names: "set[str] | None" = None,
 ) -> int:
     """Observe every input quantizer over ``batches`` and freeze them. Returns batches used.
 
     With ``state_dir`` the observer statistics are saved every ``checkpoint_every`` batches; a
-    rerun with the same model and data skips the batches already seen.
+    rerun with the same model and data skips the batches already seen. ``names`` restricts the
+    (re)calibration to those layers; the others keep their frozen ranges.
     """
     batches = list(batches)
     forward = forward or model
-    quantizers = {name: layer.input_quantizer for name, layer in quant_layers(model) if layer.input_quantizer is not None}
+    quantizers = {name: layer.input_quantizer for name, layer in quant_layers(model)
+                  if layer.input_quantizer is not None and (names is None or name in names)}
     for q in quantizers.values():
         q.start_observing()
     start = 0
     state_dir = Path(state_dir) if state_dir else None
-    fp = _fingerprint(model, len(batches))
+    fp = _fingerprint(model, len(batches)) + ("" if names is None else hashlib.sha256("|".join(sorted(names)).encode()).hexdigest()[:8])
     if state_dir and (state_dir / "progress.json").is_file():
         progress = json.loads((state_dir / "progress.json").read_text())
         if progress.get("fingerprint") == fp:

@@ -38,7 +38,12 @@ class QuantLayerMixin:
         self.input_transform = nn.Identity()
         self.lowrank = None
         self.weight_quantizer = FakeQuantizer(w_spec, channels=self.weight.shape[0], axis=0) if w_spec else None
-        self.input_quantizer = FakeQuantizer(a_spec) if a_spec else None
+        self.input_quantizer = None
+        if a_spec is not None and a_spec.per_channel:  # grouped activation ranges (Q-Diffusion's split quantizer)
+            conv = isinstance(self, nn.Conv2d)
+            self.input_quantizer = FakeQuantizer(a_spec, channels=self.weight.shape[1] * (self.groups if conv else 1), axis=1 if conv else -1)
+        elif a_spec is not None:
+            self.input_quantizer = FakeQuantizer(a_spec)
 
     @property
     def w_bits(self) -> int | None:

@@ -1,0 +1,165 @@
+"""The model cut into reconstruction units (blocks) and stages, in forward order.
+
+Block-wise methods (Q-Diffusion's BRECQ/AdaRound, QArtSR's reversed per-module calibration) and
+stage-wise ones (PassionSR's distributed calibration) need the same map of the network: which
+quantized layers belong to which block, and the order in which data flows through the blocks.
+Module registration order is not forward order in diffusers (``up_blocks`` is registered before
+``mid_block``), so the order is spelled out here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from toolchain.quant.calibrate import quant_layers
+
+# component prefix → its children in the order the forward pass visits them
+_FORWARD_ORDER: list[tuple[str, list[str]]] = [
+    ("embedder.encoder", ["conv_in", "down_blocks", "mid_block", "conv_out"]),
+    ("embedder.quant_conv", []),
+    ("embedder", []),  # projection layers after the codebook
+    ("vae.encoder", ["conv_in", "down_blocks", "mid_block", "conv_out"]),
+    ("vae.quant_conv", []),
+    ("unet", ["conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_out"]),
+    ("vae.post_quant_conv", []),
+    ("vae.decoder", ["conv_in", "mid_block", "up_blocks", "conv_out"]),
+]
+
+# PassionSR's distributed calibration stages: stage → component prefixes
+STAGES: dict[str, tuple[str, ...]] = {
+    "unet": ("unet", "embedder"),
+    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
+    "vae_decoder": ("vae.post_quant_conv", "vae.decoder"),
+}
+
+
+@dataclass
+class Unit:
+    name: str  # module path of the block (or of a single layer)
+    layers: list[str] = field(default_factory=list)  # quantized layers inside it
+
+    @property
+    def stage(self) -> str:
+        for stage, prefixes in STAGES.items():
+            if any(self.name == p or self.name.startswith(p + ".") for p in prefixes):
+                return stage
+        return "other"
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def reconstruction_units(model: nn.Module) -> list[Unit]:
+    """Blocks holding quantized layers, in forward order; every quantized layer is in exactly one."""
+    names = dict(model.named_modules())
+    layers = [n for n, _ in quant_layers(model)]
+    taken: set[str] = set()
+    units: list[Unit] = []
+
+    def add(path: str) -> None:
+        members = [n for n in layers if _under(n, path) and n not in taken]
+        if members:
+            taken.update(members)
+            units.append(Unit(path, members))
+
+    for prefix, children in _FORWARD_ORDER:
+        if prefix not in names:
+            continue
+        for child in children:
+            path = f"{prefix}.{child}"
+            module = names.get(path)
+            if isinstance(module, nn.ModuleList):
+                for i in range(len(module)):
+                    add(f"{path}.{i}")
+            elif module is not None:
+                add(path)
+        for n in layers:  # whatever the listed children did not cover, one layer per unit
+            if _under(n, prefix) and n not in taken:
+                add(n)
+    for n in layers:
+        if n not in taken:
+            add(n)
+    return units
+
+
+def stage_units(model: nn.Module, stage: str) -> list[Unit]:
+    return [u for u in reconstruction_units(model) if u.stage == stage]
+
+
+@contextlib.contextmanager
+def capture_outputs(model: nn.Module, paths: list[str]) -> Iterator[dict[str, Any]]:
+    """Record the output of each module in ``paths`` during the forward passes inside the block."""
+    seen: dict[str, Any] = {}
+    handles = [model.get_submodule(p).register_forward_hook(lambda m, a, out, p=p: seen.__setitem__(p, out)) for p in paths]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, path: str) -> Iterator[list[tuple[tuple, dict]]]:
+    """Record (args, kwargs) of every call of one module, detached and moved to the CPU."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(mod, args, kwargs):
+        calls.append((to_cpu(args), to_cpu(kwargs)))
+
+    handle = model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(o) for o in obj)
+    if isinstance(obj, list):
+        return [to_cpu(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def tensors_of(out: Any) -> list[torch.Tensor]:
+    """The tensors in a block's output (diffusers blocks return tensors or nested tuples)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in tensors_of(o)]
+    if hasattr(out, "to_tuple"):
+        return tensors_of(out.to_tuple())
+    return []
+
+
+def output_error(out: Any, target: Any) -> torch.Tensor:
+    """Σ over feature dims, mean over the batch, of the squared error (BRECQ's reconstruction loss)."""
+    total = None
+    for o, t in zip(tensors_of(out), tensors_of(target)):
+        e = (o.float() - t.to(o.device).float()).pow(2).flatten(1).sum(1).mean()
+        total = e if total is None else total + e
+    if total is None:
+        raise ValueError("block produced no tensor output")
+    return total
