@@ -1,0 +1,6 @@
+package org.tensorflow.lite;
+
+/** Compile-only stub. */
+public interface Tensor {
+    int[] shape();
+}
