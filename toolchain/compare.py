@@ -95,7 +95,7 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
             row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
                    "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
                    "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
-                   "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds")}}
+                   "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}
             rows.append(row)
             grids.setdefault(bits, {"LQ": lq, "FP": fp_out})[label] = out_imgs
             print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}  "
@@ -107,6 +107,14 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
     return _write(rows, out, name, model_path, calib_dir, eval_dir)
 
 
+def _bits_rank(row: dict[str, Any]) -> tuple[float, float]:
+    """LQ, FP, then W8A8 > W6A6 > W4A6 > W4A4 > W4A3.98 (MP)."""
+    m = re.fullmatch(r"W(\d+)A([\d.]+)", str(row["bits"]))
+    if not m:
+        return (-1e9, 0.0)
+    return (-float(m.group(1)), -float(m.group(2)))
+
+
 def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, calib: Path, ev: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"model": str(model_path), "calibration": str(calib), "eval": str(ev), "metrics": METRICS, "rows": rows}
@@ -114,10 +122,10 @@ def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, c
     head = ("| Bits | Method | PSNR↑ | SSIM↑ | ST-LPIPS↓ | FD-STLPIPS↓ | PSNR vs FP↑ | ST-LPIPS vs FP↓ | Params (M, paper conv.) | Ops (G, paper conv.) | Size (MB, honest) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for r in rows:
+    for r in sorted(rows, key=_bits_rank):  # grouped by bit setting as in the paper's Table 1; stable within a group
         h, f = r["vs_hq"], r.get("vs_fp", {})
         acc = r.get("accounting", {})
-        lines.append(f"| {r['bits']} | {r['label']} | {h['psnr']:.2f} | {h['ssim']:.4f} | {h['st_lpips']:.4f} | {h.get('fd_stlpips', float('nan')):.2f} | "
+        lines.append(f"| {r['bits']} | {r['label']} | {h['psnr']:.2f} | {h['ssim']:.4f} | {h['st_lpips']:.4f} | {h.get('fd_stlpips', float('nan')):.4f} | "
                      + (f"{f['psnr']:.2f} | {f['st_lpips']:.4f} | " if f else "– | – | ")
                      + (f"{acc['paper']['params_M']:.2f} | {acc['paper']['ops_G']:.2f} | {acc['honest']['size_MB']:.2f} |" if acc else "– | – | – |"))
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
