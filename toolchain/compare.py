@@ -37,8 +37,9 @@ def _slug(text: str) -> str:
 
 
 def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: list[torch.Tensor], out: Path, work: Path,
-              device: torch.device, rules: list | None = None) -> dict:
-    key = hashlib.sha256(json.dumps([str(model_path), method, bits, params, rules or []], sort_keys=True).encode()).hexdigest()[:12]
+              device: torch.device, rules: list | None = None, calib_batches: int | None = None) -> dict:
+    fields = [str(model_path), method, bits, params, rules or []] + ([calib_batches] if calib_batches else [])
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     stamp = out / "spec_key.txt"
     if (out / "quant_config.json").is_file() and stamp.is_file() and stamp.read_text() == key:
         return json.loads((out / "quant_config.json").read_text())["summary"]
@@ -71,7 +72,9 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
             label = run["label"]
             ck = work / _slug(f"{label}-{bits}")
             t0 = time.perf_counter()
-            summary = _quantize(model_path, run["method"], bits, run.get("params", {}), calib, ck, work, device)
+            run_calib = calib[: run["calib_batches"]] if run.get("calib_batches") else calib  # a per-run compute budget
+            summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device,
+                                calib_batches=run.get("calib_batches"))
             bits_label = bits.upper()
             if run.get("mp"):
                 from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
@@ -88,11 +91,13 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                 table = build_table(sens, errs, SolveSettings(budget_bits=float(a), pins=[parse_pin(p) for p in mp.get("pins", [])]), str(ck), alloc_dir,
                                     {"metric": next(iter(sens.values()))["metric"], "epsilon": mp.get("epsilon", 0.02)})
                 ck = work / _slug(f"{label}-{bits}-mp")
-                summary = _quantize(model_path, run["method"], bits, run.get("params", {}), calib, ck, work, device, table_rules(table))
+                summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device, table_rules(table),
+                                    calib_batches=run.get("calib_batches"))
                 bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
             model, _ = load_quantized(ck, device)
             out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
             row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
+                   "calibration_images": sum(int(b.shape[0]) for b in run_calib),
                    "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
                    "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
                    "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="run quantize → restore → eval for a list of methods and bit settings",
-                       description="Reads a JSON spec (list of {label, method, params, bits, mp?}), quantizes each entry (cached in "
+                       description="Reads a JSON spec (list of {label, method, params, bits, mp?, calib_batches?}), quantizes each entry (cached in "
                                    "--work, so reruns resume), evaluates on --eval against HQ and the float model, and writes "
                                    "<name>.md / <name>.json and per-bits image grids to --out.")
     p.add_argument("--spec", type=Path, required=True)
