@@ -23,6 +23,7 @@ from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, restore_set, score
 from toolchain.eval.grid import save_grid
 from toolchain.io.atomic import atomic_write_json, atomic_write_text
+from toolchain.io.weights import load_tensors, save_tensors
 from toolchain.methods.registry import MethodContext
 from toolchain.models.storage import load_model
 from toolchain.quant.api import quantize_
@@ -94,13 +95,18 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                 summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device, table_rules(table),
                                     calib_batches=run.get("calib_batches"))
                 bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
-            model, _ = load_quantized(ck, device)
-            out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
-            row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
-                   "calibration_images": sum(int(b.shape[0]) for b in run_calib),
-                   "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
-                   "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
-                   "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}
+            cached = _cached_eval(ck, model_path, eval_dir)
+            if cached is not None:
+                row, out_imgs = cached
+            else:
+                model, _ = load_quantized(ck, device)
+                out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
+                row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
+                       "calibration_images": sum(int(b.shape[0]) for b in run_calib),
+                       "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
+                       "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
+                       "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}
+                _store_eval(ck, model_path, eval_dir, row, out_imgs)
             rows.append(row)
             grids.setdefault(bits, {"LQ": lq, "FP": fp_out})[label] = out_imgs
             print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}  "
@@ -110,6 +116,27 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
         cols["HQ"] = hq
         save_grid(out / f"{name}_grid_{bits}.png", cols, max_rows=4, cell=128)
     return _write(rows, out, name, model_path, calib_dir, eval_dir)
+
+
+def _eval_key(ck: Path, model_path: Path, eval_dir: Path) -> str:
+    """Evaluation of one checkpoint on one eval set: tied to the checkpoint's spec key and the metrics."""
+    spec_key = (ck / "spec_key.txt").read_text() if (ck / "spec_key.txt").is_file() else ""
+    return hashlib.sha256(json.dumps([spec_key, str(model_path), str(Path(eval_dir).resolve()), METRICS]).encode()).hexdigest()[:12]
+
+
+def _cached_eval(ck: Path, model_path: Path, eval_dir: Path) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """A rerun reuses each checkpoint's scores and restored images, so one command rebuilds the whole table cheaply."""
+    key = _eval_key(ck, model_path, eval_dir)
+    row_path, img_path = ck / f"eval-{key}.json", ck / f"eval-{key}.safetensors"
+    if not (row_path.is_file() and img_path.is_file()):
+        return None
+    return json.loads(row_path.read_text()), load_tensors(img_path)["images"].float()
+
+
+def _store_eval(ck: Path, model_path: Path, eval_dir: Path, row: dict[str, Any], images: torch.Tensor) -> None:
+    key = _eval_key(ck, model_path, eval_dir)
+    save_tensors(ck / f"eval-{key}.safetensors", {"images": images.detach().cpu().to(torch.float16).contiguous()})
+    atomic_write_json(ck / f"eval-{key}.json", row)
 
 
 def _bits_rank(row: dict[str, Any]) -> tuple[float, float]:
