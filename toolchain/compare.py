@@ -39,7 +39,7 @@ def _slug(text: str) -> str:
 
 def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: list[torch.Tensor], out: Path, work: Path,
               device: torch.device, rules: list | None = None, calib_batches: int | None = None) -> dict:
-    fields = [str(model_path), method, bits, params, rules or []] + ([calib_batches] if calib_batches else [])
+    fields = [str(model_path), method, bits, params, [r.to_dict() for r in rules or []]] + ([calib_batches] if calib_batches else [])
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     stamp = out / "spec_key.txt"
     if (out / "quant_config.json").is_file() and stamp.is_file() and stamp.read_text() == key:
