@@ -5,7 +5,7 @@ with the checkpoint's own ranges) and timed with the LiteRT Python interpreter (
 threads/warm-up/runs for all). Runs on CPU; the numbers describe this host, not a phone — for a
 phone use ``toolchain profile MODEL --adb``.
 
-    python benchmarks/tflite_latency.py --out benchmarks/results/tflite_ref
+    python benchmarks/tflite_latency.py --preset tiny --bits w8a8,w4a8,w4a4 --out benchmarks/results/tflite_tiny
 """
 
 from __future__ import annotations
