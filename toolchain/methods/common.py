@@ -18,6 +18,16 @@ FIRST_LAST_LAYERS = (r"^unet\.conv_out$", r"^vae\.quant_conv$", r"^vae\.post_qua
                      r"^vae\.decoder\.conv_out$")
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An untouched float copy of the model (targets for block/module-wise methods), gradients off."""
+    import copy
+
+    fp_model = copy.deepcopy(model).eval()
+    for prm in fp_model.parameters():
+        prm.requires_grad_(False)
+    return fp_model
+
+
 def keep_first_last_8bit(config: QuantConfig, patterns: tuple[str, ...] = FIRST_LAST_LAYERS) -> list[str]:
     """Prepend W8A8 rules for the first/last layers (user rules still override); returns the patterns."""
     config.rules = [LayerRule(p, 8, 8) for p in patterns] + list(config.rules)

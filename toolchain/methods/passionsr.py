@@ -131,7 +131,6 @@ class PassionSRParams:
     let_exponent: float = 0.3
     epochs: int = 2  # per phase (LET, then LBQ) and stage
     lr: float = 1e-5
-    lr_decay_after_first_epoch: float = 0.2  # fixed by the Trainer's step schedule
     stages: tuple[str, ...] = ("unet", "vae_encoder", "vae_decoder")
     first_last_8bit: bool = True
     checkpoint_every: int = 50
@@ -143,11 +142,9 @@ class PassionSRParams:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
-        if self.lr_decay_after_first_epoch != 0.2:
-            raise ValueError("lr_decay_after_first_epoch is fixed at 0.2 (PassionSR's schedule)")
 
 
-def _stage_layers(model: nn.Module, stage: str, lets: dict[str, LETParams]) -> list[str]:
+def _stage_layers(model: nn.Module, stage: str) -> list[str]:
     prefixes = STAGES[stage]
     return [n for n, _ in quant_layers(model) if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
@@ -176,7 +173,7 @@ class PassionSR(QuantMethod):
         steps = p.epochs * n
         for stage in p.stages:
             sd = data[stage]
-            stage_names = _stage_layers(model, stage, lets)
+            stage_names = _stage_layers(model, stage)
             if not stage_names:
                 continue
 

@@ -15,7 +15,6 @@ then runs a short end-to-end stage over all step sizes. Only quantization parame
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolchain.methods.common import frozen_copy
 from toolchain.methods.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
@@ -75,9 +75,7 @@ class QArtSR(QuantMethod):
 
     def apply(self, model, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
         p = self.params
-        fp_model = copy.deepcopy(model).eval()
-        for prm in fp_model.parameters():
-            prm.requires_grad_(False)
+        fp_model = frozen_copy(model)
         with torch.no_grad():
             fp_images = [fp_model(b.to(ctx.device)).cpu() for b in ctx.lq_batches]
         names = prepare_model(model, config)

@@ -16,13 +16,13 @@ activation quantizer).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from toolchain.methods.common import frozen_copy
 from toolchain.methods.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
@@ -72,9 +72,7 @@ class QDiffusion(QuantMethod):
 
     def apply(self, model, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
         p = self.params
-        fp_model = copy.deepcopy(model).eval()
-        for prm in fp_model.parameters():
-            prm.requires_grad_(False)
+        fp_model = frozen_copy(model)
         names = prepare_model(model, config)
         layers = dict(quant_layers(model))
         splits = {k: v for k, v in shortcut_splits(model).items() if k in layers and layers[k].input_quantizer is not None} if p.split_shortcut else {}

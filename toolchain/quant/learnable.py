@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from toolchain.quant.calibrate import quant_layers
-from toolchain.quant.quantizer import _EPS, FakeQuantizer, QuantSpec, broadcast_shape, fake_quantize, round_ste
+from toolchain.quant.quantizer import _EPS, FakeQuantizer, QuantSpec, broadcast_shape, fake_quantize, qparams_from_range, round_ste
 
 
 class BoundQuantizer(nn.Module):
@@ -124,8 +124,6 @@ def group_activation_ranges(q: FakeQuantizer, split: int) -> None:
     spec: QuantSpec = q.spec
     for sl in (slice(0, split), slice(split, lo.numel())):
         lo[sl], hi[sl] = lo[sl].min(), hi[sl].max()
-    from toolchain.quant.quantizer import qparams_from_range
-
     q.set_qparams(*qparams_from_range(lo, hi, spec))
     q.observer = None
     q.mode = "quantize"
