@@ -136,6 +136,8 @@ class ExportQuantLayer(nn.Module):
         w_int = torch.clamp(torch.round(w / s), wq.spec.qmin, wq.spec.qmax).to(torch.int8)
         if self.flavour == "float":  # integer constants do not survive the TFLite converter; keep W_int·s
             self.register_buffer("weight_float", w_int.float() * s)
+            # plain attributes (not in the traced graph): the TFLite backend writes these exact integers and scales back
+            self.design_weight_int, self.design_weight_scale = w_int, scale.clone()
             return
         self.register_buffer("weight_int", w_int)
         self.register_buffer("weight_scale", scale.clone())

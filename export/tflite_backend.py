@@ -104,7 +104,8 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
             continue
         by_shape.setdefault(tuple(int(d) for d in w.shape), []).append({
             "op": kind, "input": _tensor_name(sg.tensors[op.inputs[0]]), "output": _tensor_name(sg.tensors[op.outputs[0]]),
-            "weight": _tensor_name(w), "values": _normalised(np.frombuffer(bytes(data), dtype=np.float32))})
+            "weight": _tensor_name(w), "values": _normalised(raw := np.frombuffer(bytes(data), dtype=np.float32)),
+            "peak": float(np.abs(raw).max())})
     found: dict[str, dict[str, Any]] = {}
     for name in layer_names:
         w = module.get_submodule(name).weight_float
@@ -118,7 +119,9 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
             raise ExportError(f"layer {name}: no CONV_2D/FULLY_CONNECTED op with its weights in the converted TFLite graph "
                               "(the converter changed it; it cannot be quantized with the checkpoint's scales)")
         pool.remove(hit)
-        found[name] = {k: v for k, v in hit.items() if k != "values"}
+        # the positive factor the converter folded into this layer's weights (1 for most layers)
+        factor = hit["peak"] / max(float(w.abs().max()), 1e-30)
+        found[name] = {**{k: v for k, v in hit.items() if k not in ("values", "peak")}, "factor": factor}
     return found
 
 
@@ -139,8 +142,20 @@ def _designed_range(act: dict[str, Any], container_bits: int) -> tuple[float, fl
     return -bound, bound
 
 
+WEIGHT_CONTAINERS = ("auto", "int8")
+
+
+def _weight_container(w_bits: int, policy: str) -> int:
+    """``auto``: int4 storage for ≤ 4-bit weights (smallest file); ``int8``: every weight in int8 (the 4-bit grid kept
+    exactly), which CPU runtimes such as XNNPACK run on their fast int8 path."""
+    if policy not in WEIGHT_CONTAINERS:
+        raise ExportError(f"unknown weight container '{policy}' (choose from {', '.join(WEIGHT_CONTAINERS)})")
+    return 4 if w_bits <= 4 and policy == "auto" else 8
+
+
 def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module, info: dict[str, dict[str, Any]],
-                                    calib_inputs: list[tuple[torch.Tensor, ...]], constant: set[str]) -> tuple[bytes, dict[str, Any]]:
+                                    calib_inputs: list[tuple[torch.Tensor, ...]], constant: set[str],
+                                    weight_container: str = "auto") -> tuple[bytes, dict[str, Any]]:
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer import quantizer as aeq
 
@@ -153,7 +168,7 @@ def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module,
         a_cont = _container(d["act"]["bits"])
         if d["w_bits"] > 8:
             raise ExportError(f"layer {name}: {d['w_bits']}-bit weights are not supported by TFLite kernels")
-        w_cont = 4 if d["w_bits"] <= 4 else 8
+        w_cont = _weight_container(d["w_bits"], weight_container)
         # an op's scope is its output tensor names joined with ";" plus a trailing ";"
         q.add_static_config(f"^{re.escape(op['output'])};$", getattr(qtyping.TFLOperationName, op["op"]), a_cont, w_cont)
         plan[name] = {**op, "a_container": a_cont, "w_container": w_cont}
@@ -167,14 +182,90 @@ def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module,
             raise ExportError(f"layer {name}: the quantizer collected no statistics for its input tensor {p['input']}")
         calib[p["input"]] = {**own, "min": np.full_like(own["min"], lo), "max": np.full_like(own["max"], hi)}
     result = q.quantize(calib, enable_progress_report=False)
-    return bytes(result.quantized_model), plan
+    return write_checkpoint_weights(bytes(result.quantized_model), plan, module), plan
+
+
+def _pack_int4(values: np.ndarray) -> np.ndarray:
+    """Two signed 4-bit values per byte, the first in the low nibble (TFLite's INT4 buffer layout)."""
+    v = values.astype(np.int8).ravel()
+    if v.size % 2:
+        v = np.concatenate([v, np.zeros(1, np.int8)])
+    return ((v[0::2].astype(np.uint8) & 0x0F) | ((v[1::2].astype(np.uint8) & 0x0F) << 4)).astype(np.uint8)
+
+
+def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    b = packed.astype(np.uint8)
+    out = np.empty(b.size * 2, np.int8)
+    out[0::2], out[1::2] = (b & 0x0F).astype(np.int8), (b >> 4).astype(np.int8)
+    out[out > 7] -= 16
+    return out[:count]
+
+
+def _tflite_layout(w: torch.Tensor) -> np.ndarray:
+    return (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).contiguous().numpy()  # TFLite conv weights are OHWI
+
+
+def write_checkpoint_weights(qbytes: bytes, plan: dict[str, dict[str, Any]], module: torch.nn.Module) -> bytes:
+    """Replace the quantizer's own weight grids with the checkpoint's integers and per-channel scales.
+
+    ai-edge-quantizer derives weight scales from max|W|/qmax of its container, which equals the design only when
+    every channel reaches qmax; learned or clipped scales, 5–6-bit designs and 4-bit designs in int8 containers
+    would be re-gridded. Writing W_int and s (times the factor the converter folded in) makes the TFLite weights
+    exactly the checkpoint's; biases are requantized to the new s_x·s_w.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(qbytes))
+    sg = model.subgraphs[0]
+    op_by_output = {_tensor_name(sg.tensors[op.outputs[0]]): op for op in sg.operators if len(op.outputs)}
+    users: dict[int, int] = {}
+    for t in sg.tensors:
+        users[t.buffer] = users.get(t.buffer, 0) + 1
+    for name, p in plan.items():
+        layer = module.get_submodule(name)
+        op = op_by_output.get(p["output"])
+        if op is None:
+            raise ExportError(f"layer {name}: its op ({p['output']}) is missing from the quantized TFLite graph")
+        wt, xt = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[0]]
+        want = schema.TensorType.INT4 if p["w_container"] == 4 else schema.TensorType.INT8
+        if wt.type != want or users[wt.buffer] != 1:
+            raise ExportError(f"layer {name}: the quantizer stored its weights unexpectedly (type {wt.type}, shared buffer: {users[wt.buffer] > 1})")
+        w_int = _tflite_layout(layer.design_weight_int)
+        scale = (layer.design_weight_scale.double().numpy() * p["factor"]).astype(np.float32)
+        model.buffers[wt.buffer].data = _pack_int4(w_int) if p["w_container"] == 4 else w_int.astype(np.int8).view(np.uint8).ravel()
+        wt.quantization.scale = scale
+        wt.quantization.zeroPoint = np.zeros(scale.size, np.int64)
+        wt.quantization.quantizedDimension = 0
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            _requantize_bias(model, sg.tensors[op.inputs[2]], scale, float(xt.quantization.scale[0]), name)
+    return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def _requantize_bias(model, bt, new_w_scale: np.ndarray, in_scale: float, name: str) -> None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    dtypes = {schema.TensorType.INT32: np.int32, schema.TensorType.INT64: np.int64}
+    if bt.type not in dtypes:
+        raise ExportError(f"layer {name}: unexpected bias type {bt.type} in the quantized graph")
+    dtype = dtypes[bt.type]
+    old = np.asarray(bt.quantization.scale, np.float64)
+    values = np.frombuffer(bytes(model.buffers[bt.buffer].data), dtype=dtype).astype(np.float64) * old
+    new = (in_scale * new_w_scale.astype(np.float64)).astype(np.float32)
+    info = np.iinfo(dtype)
+    model.buffers[bt.buffer].data = np.clip(np.round(values / new), info.min, info.max).astype(dtype).view(np.uint8)
+    bt.quantization.scale = new
+    bt.quantization.zeroPoint = np.zeros(new.size, np.int64)
 
 
 def read_back(qbytes: bytes, plan: dict[str, dict[str, Any]], info: dict[str, dict[str, Any]], module: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Compare the TFLite quantization parameters of every layer with the checkpoint's."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
     it = Interpreter(model_content=qbytes)
+    parsed = fbu.read_model_from_bytearray(bytearray(qbytes))
     by_index = {d["index"]: d for d in it.get_tensor_details()}
     # the quantizer inserts QUANTIZE ops and renames tensors: find each layer's op by its output name
     op_by_output = {by_index[o["outputs"][0]]["name"]: o for o in it._get_ops_details() if len(o["outputs"]) and o["outputs"][0] >= 0}
@@ -203,14 +294,23 @@ def read_back(qbytes: bytes, plan: dict[str, dict[str, Any]], info: dict[str, di
                 row["act_zero_point_matches"] = int(z_in[0]) == act["zero_point"] - 128 if not act["symmetric"] else int(z_in[0]) == 0
         ws = w["quantization_parameters"]["scales"]
         if len(ws):
-            ours = module.get_submodule(name).weight_float
-            flat = ours.reshape(ours.shape[0], -1).abs().amax(1).numpy() / (7 if p["w_container"] == 4 else 127)
-            ratio = ws / np.maximum(flat, 1e-12)
+            layer = module.get_submodule(name)
+            ratio = ws / np.maximum(layer.design_weight_scale.numpy(), 1e-30)
             # one common factor = a constant the converter folded into the weights; the integer grid is unchanged
             row["weight_scale_factor"] = float(np.median(ratio))
-            row["weight_grid_matches"] = bool(np.max(np.abs(ratio / np.median(ratio) - 1)) <= 1e-5)
+            stored = weight_ints(parsed, op["inputs"][1], p["w_container"])
+            row["weight_grid_matches"] = bool(np.max(np.abs(ratio / np.median(ratio) - 1)) <= 1e-5) and \
+                np.array_equal(stored, _tflite_layout(layer.design_weight_int).ravel())
         table[name] = row
     return table
+
+
+def weight_ints(model, tensor_index: int, container: int) -> np.ndarray:
+    """The integers stored for one weight tensor (int4 unpacked) of a parsed model, in TFLite layout, flattened."""
+    t = model.subgraphs[0].tensors[tensor_index]
+    raw = np.asarray(model.buffers[t.buffer].data, np.uint8)
+    count = int(np.prod(t.shape))
+    return _unpack_int4(raw, count) if container == 4 else raw.view(np.int8)[:count]
 
 
 def add_metadata(tflite: bytes, key: str, payload: dict[str, Any]) -> bytes:
@@ -267,8 +367,12 @@ def run_tflite(tflite: bytes, inputs: tuple[torch.Tensor, ...], threads: int | N
 
 def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "full", meta: dict | None = None,
                   mp_table: str | os.PathLike | None = None, validate_inputs: list[tuple[torch.Tensor, ...]] | None = None,
-                  calib_inputs: list[tuple[torch.Tensor, ...]] | None = None) -> dict[str, Any]:
-    """Write ``out`` (integer TFLite, or float for a float model) and ``<stem>_float.tflite``; return a report."""
+                  calib_inputs: list[tuple[torch.Tensor, ...]] | None = None, weight_container: str = "auto") -> dict[str, Any]:
+    """Write ``out`` (integer TFLite, or float for a float model) and ``<stem>_float.tflite``; return a report.
+
+    ``weight_container``: ``auto`` stores ≤ 4-bit weights as int4 (smallest), ``int8`` stores all weights as int8
+    (same integers; faster on CPU runtimes without int4 conv kernels)."""
+    _weight_container(4, weight_container)  # fail on a bad policy before the slow conversion
     out = Path(out)
     t0 = time.perf_counter()
     module, info = export_module(model, "float")
@@ -286,11 +390,11 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
     if not calib_inputs:
         raise ExportError("an integer TFLite export needs calibration images for the op outputs (--calib)")
     constant = constant_input_layers(module, wrapped, inputs)
-    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, info, calib_inputs, constant)
+    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, info, calib_inputs, constant, weight_container)
     table = read_back(qbytes, plan, info, module)
     folded = sorted(set(n for n, d in info.items() if d.get("act") is not None) - set(plan))
     fallbacks = [n for n, r in table.items() if not r.get("integer")]
-    precision = {"format": "quantface-tflite-precision", "version": 1, "part": part, "layers": table,
+    precision = {"format": "quantface-tflite-precision", "version": 1, "part": part, "weight_container": weight_container, "layers": table,
                  "float_fallback_layers": fallbacks, "folded_constant_layers": folded,
                  "notes": "TFLite executes <=8 designed activation bits as int8 with the designed scale (clamped to the designed "
                           "range where narrower than int8), >8 as symmetric int16."}
@@ -305,7 +409,10 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
                    "folded_constant_layers": folded,
                    "scale_mismatches": [n for n, r in table.items() if r.get("act_scale_matches") is False or r.get("act_zero_point_matches") is False],
                    "ops": op_census(qbytes), "seconds": round(time.perf_counter() - t0, 1),
-                   "int4_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int4")})
+                   "weight_container": weight_container,
+                   "weight_grid_mismatches": [n for n, r in table.items() if r.get("weight_grid_matches") is False],
+                   "int4_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int4"),
+                   "int8_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int8")})
     if validate_inputs:
         report["validation"] = validate_tflite(qbytes, float_bytes, model, part, validate_inputs)
     return report

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
     p.add_argument("--images", type=int, default=4, help="images used by --validate")
     p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
+    p.add_argument("--weight-container", choices=("auto", "int8"), default="auto",
+                   help="TFLite: auto = int4 storage for <=4-bit weights (smallest file); int8 = same integers in int8 "
+                        "(runs on XNNPACK's fast int8 path; int4 convs fall back to slower kernels)")
     p.set_defaults(func=run)
 
 
@@ -78,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
 
         samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
         report = export_tflite(model, args.out, part=args.part, meta=meta, mp_table=args.mp_table,
-                               validate_inputs=samples if args.validate else None, calib_inputs=samples)
+                               validate_inputs=samples if args.validate else None, calib_inputs=samples,
+                               weight_container=args.weight_container)
     report["source"] = str(args.checkpoint or args.model)
     atomic_write_json(args.out.with_suffix(args.out.suffix + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
-                                      "scale_mismatches") if k in report}
+                                      "scale_mismatches", "weight_grid_mismatches") if k in report}
     print(json.dumps(summary))
     if "validation" in report:
         v = report["validation"]
