@@ -1,17 +1,25 @@
-"""LiteRT host latency: float TFLite vs integer TFLite (W8A8, W4A4) in one run, plus file sizes.
+"""LiteRT host latency and size: float TFLite vs integer TFLite, in one run on one CPU.
 
-The float model and MinMax-calibrated copies are exported with ``export_tflite`` (integer recipe
-with the checkpoint's own ranges) and timed with the LiteRT Python interpreter (XNNPACK on, same
-threads/warm-up/runs for all). Runs on CPU; the numbers describe this host, not a phone — for a
-phone use ``toolchain profile MODEL --adb``.
+For each model part and each variant (``float``, or ``<bits>[:<weight container>]`` such as ``w8a8``,
+``w4a4`` (int4 weights) or ``w4a4:int8`` (the same 4-bit integers stored in int8)) the model is
+MinMax-quantized (random init is fine for timing and size), exported with ``export_tflite`` (integer
+recipe with the checkpoint's own ranges) and timed with the LiteRT Python interpreter (XNNPACK on, same
+threads / warm-up / runs for all). Every finished row is kept in ``--work`` and the tables are rewritten
+after each row, so an interrupted run resumes where it stopped. The numbers describe this host's CPU,
+not a phone; for a phone use ``toolchain profile MODEL --adb``.
 
-    python benchmarks/tflite_latency.py --preset tiny --bits w8a8,w4a8,w4a4 --out benchmarks/results/tflite_tiny
+    python benchmarks/tflite_latency.py --preset tiny --variants float,w8a8,w4a8,w4a4,w4a4:int8 --out benchmarks/results/tflite_tiny
+    python benchmarks/tflite_latency.py --preset osdface --parts unet,vae_decoder --variants float,w4a4:int8,w8a8,w4a4 \\
+        --threads 16 --runs 3 --warmup 1 --images 1 --out benchmarks/results/tflite_osdface
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +30,7 @@ import toolchain  # noqa: E402,F401
 from benchmarks.common import command_line, environment  # noqa: E402
 from calibration import BUNDLED_FACES  # noqa: E402
 from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
+from export.parts import part_inputs  # noqa: E402
 from export.tflite_backend import export_tflite  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
@@ -32,51 +41,116 @@ from toolchain.quant.api import quantize_  # noqa: E402
 from toolchain.quant.config import QuantConfig  # noqa: E402
 
 
+def parse_variant(text: str) -> tuple[str | None, str]:
+    """'float' → (None, 'auto'); 'w4a4:int8' → ('w4a4', 'int8')."""
+    bits, _, container = text.partition(":")
+    return (None if bits == "float" else bits), (container or "auto")
+
+
+def quantized_copy(fp: torch.nn.Module, bits: str, batches: list[torch.Tensor], device: torch.device) -> torch.nn.Module:
+    model = copy.deepcopy(fp).to(device)
+    quantize_(model, QuantConfig.for_bits("minmax", bits), MethodContext([b.to(device) for b in batches], device=device))
+    return model.cpu()
+
+
+def write_tables(rows: list[dict], args: argparse.Namespace, size: int, out: Path) -> None:
+    result = {"command": command_line(), "environment": environment(), "model": str(args.preset or args.model), "image_size": size,
+              "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "rows": rows}
+    atomic_write_json(out / "results.json", result)
+    lines = [f"# LiteRT host latency: float vs integer TFLite ({result['model']}, {size}px)", "",
+             f"Command: `{result['command']}`  ", f"Host: {result['environment'].get('cpu', '?')}, {args.threads} threads, XNNPACK on, "
+             f"{args.warmup} warm-up + {args.runs} runs", "",
+             "| part | variant | file MB | vs float size | median ms | min ms | max ms | vs float latency | vs fake-quant (PSNR or max abs) | export s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    floats = {r["part"]: r for r in rows if r["variant"] == "float"}
+    for r in rows:
+        fl = floats.get(r["part"])
+        lat = r["latency_ms"]
+        rel_size = f"{r['bytes'] / fl['bytes']:.3f}" if fl else "–"
+        rel_lat = f"{lat['median'] / fl['latency_ms']['median']:.2f}" if fl else "–"
+        val = r.get("validation") or {}
+        psnr = f"{val['median_vs_fake_quant']:.1f} dB" if val.get("metric") == "psnr_db" else \
+            (f"max abs {val['median_vs_fake_quant']:.3g}" if val else "–")
+        lines.append(f"| {r['part']} | {r['variant']} | {r['bytes'] / 1e6:.1f} | {rel_size} | {lat['median']:.1f} | {lat['min']:.1f} | "
+                     f"{lat['max']:.1f} | {rel_lat} | {psnr} | {r['export_seconds']:.0f} |")
+    parts = sorted({r["part"] for r in rows})
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows)]
+    if len(parts) > 1:
+        lines += ["", f"Sum over parts ({', '.join(parts)}; a variant is summed only where every part has it):", "",
+                  "| variant | file MB | median ms | vs float latency |", "|---|---|---|---|"]
+        by = {(r["part"], r["variant"]): r for r in rows}
+        total_float = sum(by[(p, "float")]["latency_ms"]["median"] for p in parts) if all((p, "float") in by for p in parts) else None
+        for v in variants:
+            if not all((p, v) in by for p in parts):
+                continue
+            ms = sum(by[(p, v)]["latency_ms"]["median"] for p in parts)
+            mb = sum(by[(p, v)]["bytes"] for p in parts) / 1e6
+            lines.append(f"| {v} | {mb:.1f} | {ms:.1f} | {ms / total_float:.2f} |" if total_float else f"| {v} | {mb:.1f} | {ms:.1f} | – |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="float model (default: bundled reference model)")
     ap.add_argument("--preset", default=None, help="use a random-init preset instead of --model")
-    ap.add_argument("--bits", default="w8a8,w4a4")
+    ap.add_argument("--parts", default="full", help="comma-separated parts (full, unet, vae_encoder, vae_decoder, embedder)")
+    ap.add_argument("--variants", default="float,w8a8,w4a4", help="float and/or <bits>[:auto|int8]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=4, help="calibration images (op-output ranges and MinMax)")
+    ap.add_argument("--validate-images", type=int, default=2)
+    ap.add_argument("--keep-files", action="store_true", help="keep the .tflite files in --work (default: delete after timing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tflite_latency"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    rows_dir = args.work / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fp = build_model(preset(args.preset), seed=0) if args.preset else load_model(args.model)
     size = fp.config.image_size
     calib = build_calibration_set([BUNDLED_FACES], args.work / "calib", n=args.images, size=size, seed=0, progress=False)
     batches = CalibrationSet.open(calib).batches(size, 1)
-    inputs = [(b,) for b in batches]
+    variants = [parse_variant(v) for v in args.variants.split(",")]
     rows = []
-    variants = [("float", None)] + [(b, b) for b in args.bits.split(",")]
-    for label, bits in variants:
-        model = build_model(preset(args.preset), seed=0) if args.preset else load_model(args.model)
-        if bits:
-            quantize_(model, QuantConfig.for_bits("minmax", bits), MethodContext(batches))
-        path = args.work / f"{label}.tflite"
-        rep = export_tflite(model, path, calib_inputs=inputs if bits else None, validate_inputs=inputs[:2])
-        prof = profile_tflite(path, threads=args.threads, runs=args.runs, warmup=args.warmup)
-        rows.append({"variant": label, "bytes": path.stat().st_size, "latency_ms": prof["inference_ms"],
-                     "validation": rep.get("validation"),
-                     "integer_layers": rep.get("layers_quantized"), "float_fallback_layers": rep.get("float_fallback_layers")})
-        print(label, rows[-1]["bytes"], rows[-1]["latency_ms"], flush=True)
-    result = {"command": command_line(), "environment": environment(), "model": str(args.preset or args.model), "image_size": size,
-              "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "rows": rows}
-    atomic_write_json(args.out / "results.json", result)
-    fl = rows[0]
-    lines = [f"# LiteRT host latency: float vs integer TFLite ({result['model']}, {size}px)", "",
-             f"Command: `{result['command']}`  ", f"Host: {result['environment'].get('cpu', '?')}, {args.threads} threads, XNNPACK on, "
-             f"{args.warmup} warm-up + {args.runs} runs", "",
-             "| variant | file MB | vs float size | median ms | min ms | vs float latency |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / fl['bytes']:.3f} | {r['latency_ms']['median']:.1f} | "
-                     f"{r['latency_ms']['min']:.1f} | {r['latency_ms']['median'] / fl['latency_ms']['median']:.2f} |")
-    atomic_write_text(args.out / "results.md", "\n".join(lines) + "\n")
+    for part in args.parts.split(","):
+        for bits, container in variants:
+            label = "float" if bits is None else (bits if container == "auto" else f"{bits}:{container}")
+            row_file = rows_dir / f"{part}__{label.replace(':', '_')}.json"
+            if row_file.is_file():
+                rows.append(json.loads(row_file.read_text()))
+                print(f"{part} {label}: kept from an earlier run", flush=True)
+                continue
+            t0 = time.perf_counter()
+            model = quantized_copy(fp, bits, batches, device) if bits else fp
+            quantize_s = time.perf_counter() - t0
+            samples = part_inputs(model, part, batches)
+            path = args.work / f"{part}__{label.replace(':', '_')}.tflite"
+            t1 = time.perf_counter()
+            rep = export_tflite(model, path, part=part, calib_inputs=samples if bits else None,
+                                validate_inputs=samples[: args.validate_images] if bits else None, weight_container=container)
+            export_s = time.perf_counter() - t1
+            prof = profile_tflite(path, threads=args.threads, runs=args.runs, warmup=args.warmup)
+            row = {"part": part, "variant": label, "bits": bits, "weight_container": container, "bytes": path.stat().st_size,
+                   "latency_ms": prof["inference_ms"], "init_ms": prof["init_ms"], "quantize_seconds": round(quantize_s, 1),
+                   "export_seconds": round(export_s, 1), "validation": {k: v for k, v in (rep.get("validation") or {}).items() if k != "per_image"},
+                   "integer_layers": rep.get("layers_quantized"), "float_fallback_layers": rep.get("float_fallback_layers"),
+                   "weight_grid_mismatches": rep.get("weight_grid_mismatches"), "scale_mismatches": rep.get("scale_mismatches"),
+                   "int4_weight_layers": rep.get("int4_weight_layers"), "int8_weight_layers": rep.get("int8_weight_layers"),
+                   "ops": rep.get("ops")}
+            atomic_write_json(row_file, row)
+            rows.append(row)
+            if not args.keep_files:
+                for f in (path, Path(rep["float_path"])):
+                    f.unlink(missing_ok=True)
+            print(f"{part} {label}: {row['bytes'] / 1e6:.1f} MB, median {row['latency_ms']['median']:.1f} ms, "
+                  f"export {export_s:.0f} s", flush=True)
+            write_tables(rows, args, size, args.out)
+            del model
+    write_tables(rows, args, size, args.out)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

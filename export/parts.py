@@ -47,3 +47,15 @@ def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Ten
     }
     inputs, in_names, out_names = table[part]
     return _Part(model, part).eval(), inputs, in_names, out_names
+
+
+def part_inputs(model: nn.Module, part: str, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """The inputs ``part`` sees when the whole model restores ``images`` (LQ batches in [-1, 1])."""
+    if part not in PARTS:
+        raise ExportError(f"unknown part '{part}' (choose from {', '.join(PARTS)})")
+    if part in ("full", "vae_encoder", "embedder"):
+        return [(b,) for b in images]
+    with torch.no_grad():
+        if part == "vae_decoder":
+            return [(model.denoise(model.encode(b), model.prompt(b)),) for b in images]
+        return [(model.encode(b), model.prompt(b)) for b in images]

@@ -65,9 +65,11 @@ def _normalised(values: np.ndarray) -> np.ndarray:
     return v / max(float(np.abs(v).max()), 1e-30)
 
 
-def constant_input_layers(module: torch.nn.Module, wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> set[str]:
-    """Layers whose input does not depend on the model input (e.g. the time embedding of a one-step
-    model): converters fold them into constants, so they have no op to quantize."""
+def layer_usage(module: torch.nn.Module, wrapped: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[set[str], set[str]]:
+    """(layers the exported part runs, those of them whose input does not depend on the part's input).
+
+    A part (e.g. the UNet) runs only some of the model's layers; a constant-input layer (e.g. the time
+    embedding of a one-step model) is folded into a constant by the converter, so it has no op to quantize."""
     from export.prepare import ExportQuantLayer
 
     seen: dict[str, list[torch.Tensor]] = {}
@@ -80,7 +82,7 @@ def constant_input_layers(module: torch.nn.Module, wrapped: torch.nn.Module, inp
     finally:
         for h in hooks:
             h.remove()
-    return {n for n, xs in seen.items() if len(xs) == 2 and torch.equal(xs[0], xs[1])}
+    return set(seen), {n for n, xs in seen.items() if len(xs) == 2 and torch.equal(xs[0], xs[1])}
 
 
 def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[str], constant: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
@@ -381,6 +383,8 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
     float_path = out.with_name(out.stem + "_float.tflite")
     atomic_write_bytes(float_path, float_bytes)
     report: dict[str, Any] = {"path": str(out), "float_path": str(float_path), "part": part, "float_bytes": len(float_bytes)}
+    executed, constant = layer_usage(module, wrapped, inputs)
+    info = {n: d for n, d in info.items() if n in executed}
     quantized = any(d.get("act") is not None for d in info.values())
     if not quantized:
         atomic_write_bytes(out, float_bytes)
@@ -389,7 +393,6 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
     calib_inputs = calib_inputs or validate_inputs
     if not calib_inputs:
         raise ExportError("an integer TFLite export needs calibration images for the op outputs (--calib)")
-    constant = constant_input_layers(module, wrapped, inputs)
     qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, info, calib_inputs, constant, weight_container)
     table = read_back(qbytes, plan, info, module)
     folded = sorted(set(n for n, d in info.items() if d.get("act") is not None) - set(plan))

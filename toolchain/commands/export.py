@@ -48,17 +48,10 @@ def load_for_export(args: argparse.Namespace):
 
 
 def validation_inputs(model, part: str, calib: Path, images: int):
-    import torch
-
     from calibration.dataset import CalibrationSet
+    from export.parts import part_inputs
 
-    batches = CalibrationSet.open(calib).batches(model.image_size, 1, limit=images)
-    if part in ("full", "vae_encoder", "embedder"):
-        return [(b,) for b in batches]
-    with torch.no_grad():
-        if part == "vae_decoder":
-            return [(model.denoise(model.encode(b), model.prompt(b)),) for b in batches]
-        return [(model.encode(b), model.prompt(b)) for b in batches]
+    return part_inputs(model, part, CalibrationSet.open(calib).batches(model.image_size, 1, limit=images))
 
 
 def run(args: argparse.Namespace) -> int:
