@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.aeq_compat import large_conv_weights_fixed
 from export.parts import part_module
 from export.prepare import export_module
 from toolchain.errors import ExportError
@@ -183,7 +184,8 @@ def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module,
         if own is None:
             raise ExportError(f"layer {name}: the quantizer collected no statistics for its input tensor {p['input']}")
         calib[p["input"]] = {**own, "min": np.full_like(own["min"], lo), "max": np.full_like(own["max"], hi)}
-    result = q.quantize(calib, enable_progress_report=False)
+    with large_conv_weights_fixed():
+        result = q.quantize(calib, enable_progress_report=False)
     return write_checkpoint_weights(bytes(result.quantized_model), plan, module), plan
 
 

@@ -18,5 +18,5 @@ left=$(( budget - ($(date +%s) - start) ))
 timeout -s INT $left python3 benchmarks/tflite_latency.py --preset osdface --parts "$parts" --variants "$variants" \
     --threads 16 --runs 3 --warmup 1 --images 2 --validate-images 1 --work $work --out $work/out 2>&1 \
     | grep -v -E "Calibration::|Quantization Parameters::|Transformations to tensors::|^\(|^ExportedProgram|^MLIR Module|^Decompositions" | tail -40
-cp $work/out/results.* $work/cpu.txt "${OUT:-/tmp/out}/" 2>/dev/null
+cp $work/out/results.* $work/cpu.txt "${OUT:-/tmp/out}/" 2>/dev/null; tar cf "${OUT:-/tmp/out}/rows.tar" -C $work rows
 ls $work/rows
