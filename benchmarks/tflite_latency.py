@@ -4,7 +4,7 @@ For each model part and each variant (``float``, or ``<bits>[:<weight container>
 ``w4a4`` (int4 weights) or ``w4a4:int8`` (the same 4-bit integers stored in int8)) the model is
 MinMax-quantized (random init is fine for timing and size), exported with ``export_tflite`` (integer
 recipe with the checkpoint's own ranges) and timed with the LiteRT Python interpreter (XNNPACK on, same
-threads / warm-up / runs for all). Every finished row is kept in ``--work`` and the tables are rewritten
+threads / warm-up / runs for all, each timed in a fresh process). Every finished row is kept in ``--work`` and the tables are rewritten
 after each row, so an interrupted run resumes where it stopped. The numbers describe this host's CPU,
 not a phone; for a phone use ``toolchain profile MODEL --adb``.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,6 @@ from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.methods.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, load_model, preset  # noqa: E402
-from toolchain.profile.host import profile_tflite  # noqa: E402
 from toolchain.quant.api import quantize_  # noqa: E402
 from toolchain.quant.config import QuantConfig  # noqa: E402
 
@@ -53,13 +53,26 @@ def quantized_copy(fp: torch.nn.Module, bits: str, batches: list[torch.Tensor], 
     return model.cpu()
 
 
-def write_tables(rows: list[dict], args: argparse.Namespace, size: int, out: Path) -> None:
-    result = {"command": command_line(), "environment": environment(), "model": str(args.preset or args.model), "image_size": size,
+def profile_in_fresh_process(path: Path, threads: int, runs: int, warmup: int) -> dict:
+    """Time a .tflite in a new interpreter process: the exporter's thread pools and heap (torch, the quantizer's
+    calibration interpreter) otherwise skew small models by tens of percent."""
+    code = ("import json, sys; from toolchain.profile.host import profile_tflite; "
+            "print(json.dumps(profile_tflite(sys.argv[1], threads=int(sys.argv[2]), runs=int(sys.argv[3]), warmup=int(sys.argv[4]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(runs), str(warmup)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_tables(rows: list[dict], args: argparse.Namespace, size: int, out: Path, origin: dict | None = None) -> None:
+    """results.json / results.md; ``origin`` (command and environment of the run that measured the rows) is kept
+    when the tables are rebuilt elsewhere with --report-only."""
+    origin = origin or {"command": command_line(), "environment": environment()}
+    result = {**origin, "model": str(args.preset or args.model), "image_size": size,
               "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "rows": rows}
     atomic_write_json(out / "results.json", result)
     lines = [f"# LiteRT host latency: float vs integer TFLite ({result['model']}, {size}px)", "",
              f"Command: `{result['command']}`  ", f"Host: {result['environment'].get('cpu', '?')}, {args.threads} threads, XNNPACK on, "
-             f"{args.warmup} warm-up + {args.runs} runs", "",
+             f"{args.warmup} warm-up + {args.runs} runs" + (f", median / min / max over {args.rounds} interleaved rounds" if args.rounds > 1 else ""), "",
              "| part | variant | file MB | vs float size | median ms | min ms | max ms | vs float latency | vs fake-quant (PSNR or max abs) | export s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     floats = {r["part"]: r for r in rows if r["variant"] == "float"}
@@ -100,13 +113,25 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--images", type=int, default=4, help="calibration images (op-output ranges and MinMax)")
     ap.add_argument("--validate-images", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="> 1: afterwards re-time all variants in this many interleaved rounds")
     ap.add_argument("--keep-files", action="store_true", help="keep the .tflite files in --work (default: delete after timing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tflite_latency"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="rebuild the tables from the rows in --work, keeping command and environment from this results.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows_dir = args.work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        measured = json.loads(args.report_only.read_text())
+        for key in ("threads", "runs", "warmup"):
+            setattr(args, key, measured[key])
+        order = {v: i for i, v in enumerate(args.variants.split(","))}
+        rows = sorted((json.loads(f.read_text()) for f in rows_dir.glob("*.json")),
+                      key=lambda r: (args.parts.split(",").index(r["part"]) if r["part"] in args.parts.split(",") else 99, order.get(r["variant"], 99)))
+        write_tables(rows, args, measured["image_size"], args.out, {k: measured[k] for k in ("command", "environment")})
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fp = build_model(preset(args.preset), seed=0) if args.preset else load_model(args.model)
     size = fp.config.image_size
@@ -131,7 +156,7 @@ def main() -> None:
             rep = export_tflite(model, path, part=part, calib_inputs=samples if bits else None,
                                 validate_inputs=samples[: args.validate_images] if bits else None, weight_container=container)
             export_s = time.perf_counter() - t1
-            prof = profile_tflite(path, threads=args.threads, runs=args.runs, warmup=args.warmup)
+            prof = profile_in_fresh_process(path, args.threads, args.runs, args.warmup)
             row = {"part": part, "variant": label, "bits": bits, "weight_container": container, "bytes": path.stat().st_size,
                    "latency_ms": prof["inference_ms"], "init_ms": prof["init_ms"], "quantize_seconds": round(quantize_s, 1),
                    "export_seconds": round(export_s, 1), "validation": {k: v for k, v in (rep.get("validation") or {}).items() if k != "per_image"},
@@ -141,14 +166,33 @@ def main() -> None:
                    "ops": rep.get("ops")}
             atomic_write_json(row_file, row)
             rows.append(row)
-            if not args.keep_files:
+            if not (args.keep_files or args.rounds > 1):
                 for f in (path, Path(rep["float_path"])):
                     f.unlink(missing_ok=True)
             print(f"{part} {label}: {row['bytes'] / 1e6:.1f} MB, median {row['latency_ms']['median']:.1f} ms, "
                   f"export {export_s:.0f} s", flush=True)
             write_tables(rows, args, size, args.out)
             del model
+    if args.rounds > 1:
+        retime_interleaved(rows, args)
     write_tables(rows, args, size, args.out)
+
+
+def retime_interleaved(rows: list[dict], args: argparse.Namespace) -> None:
+    """Time every kept file again in ``--rounds`` interleaved rounds (float, a, b, …, float, a, b, …), each in a
+    fresh process, and report the median over rounds: host drift then hits every variant alike."""
+    files = {id(r): args.work / f"{r['part']}__{r['variant'].replace(':', '_')}.tflite" for r in rows}
+    medians: dict[int, list[float]] = {id(r): [] for r in rows}
+    for _ in range(args.rounds):
+        for r in rows:
+            if files[id(r)].is_file():
+                medians[id(r)].append(profile_in_fresh_process(files[id(r)], args.threads, args.runs, args.warmup)["inference_ms"]["median"])
+    for r in rows:
+        m = sorted(medians[id(r)])
+        if m:
+            r["latency_rounds_median_ms"] = m
+            r["latency_ms"] = {**r["latency_ms"], "median": m[len(m) // 2], "min": m[0], "max": m[-1],
+                               "note": f"median / min / max over {len(m)} interleaved rounds of {args.runs} runs"}
 
 
 if __name__ == "__main__":
