@@ -154,3 +154,21 @@ def test_6bit_weights_are_stored_on_their_own_grid(tiny_model_path, calib_dir, t
     module, _ = export_module(model, "float")
     ours = sorted(int(np.abs(m.design_weight_int.numpy()).sum()) for m in module.modules() if hasattr(m, "design_weight_int"))
     assert sorted(int(np.abs(v.astype(np.int64)).sum()) for _, v in stored) == ours
+
+
+def test_part_export_quantizes_only_the_layers_of_that_part(mp_checkpoint, calib_dir):
+    """--part vae_decoder of a whole-model checkpoint: exactly the decoder's quantized layers become integer ops
+    (the other parts' layers are not looked for), and the decoder output tracks PyTorch."""
+    from toolchain.quant.checkpoint import read_checkpoint_meta
+
+    out = mp_checkpoint["out"].with_name("decoder.tflite")
+    assert main(["export", str(mp_checkpoint["ck"]), "--target", "tflite", "--part", "vae_decoder", "--out", str(out),
+                 "--calib", str(calib_dir), "--images", "2", "--validate"]) == 0
+    rep = json.loads(out.with_suffix(".tflite.json").read_text())
+    decoder = sorted(n for n, d in read_checkpoint_meta(mp_checkpoint["ck"])["layers"].items()
+                     if d["a_bits"] and (n.startswith("vae.decoder.") or n == "vae.post_quant_conv"))
+    precision = json.loads(out.with_suffix(".precision.json").read_text())
+    assert decoder and sorted(precision["layers"]) == decoder
+    assert rep["float_fallback_layers"] == [] and rep["weight_grid_mismatches"] == []
+    v = rep["validation"]
+    assert v["metric"] == "psnr_db" and v["median_vs_fp"] >= v["median_fake_quant_vs_fp"] - 3.0
