@@ -65,6 +65,7 @@ class ExportQuantLayer(nn.Module):
         super().__init__()
         self.name = name
         self.flavour = flavour
+        self.output_range: tuple[float, float] | tuple[()] | None = None  # float flavour: conv/linear output range, when collecting
         self.is_conv = isinstance(layer, QuantConv2d)
         if self.is_conv:
             self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
@@ -190,7 +191,11 @@ class ExportQuantLayer(nn.Module):
             # saturates there anyway), and it stops the converter from folding upstream scalings into
             # this layer's weights, which would change the tensor whose range we designed.
             x = torch.clamp(x, self.act.lo, self.act.hi)
-        return self._add_branch(self._linear_op(x, self.weight_float), branch_in, lambda t: t.float())
+        y = self._linear_op(x, self.weight_float)
+        if self.output_range is not None:  # set only while collecting ranges, never while tracing
+            lo, hi = float(y.min()), float(y.max())
+            self.output_range = (min(lo, self.output_range[0]), max(hi, self.output_range[1])) if self.output_range else (lo, hi)
+        return self._add_branch(y, branch_in, lambda t: t.float())
 
     def _add_branch(self, y: torch.Tensor, branch_in: torch.Tensor, cast) -> torch.Tensor:
         if self.has_branch:

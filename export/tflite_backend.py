@@ -8,9 +8,9 @@ and litert-torch's PT2E quantizer silently mis-quantized layers when probed. Her
    designed activation range, float Hadamard and low-rank branch ops) is converted by litert-torch;
 2. every quantized conv/linear is found in the flatbuffer by its weight values and gets an
    exact-scope ai-edge-quantizer recipe (CONV_2D / FULLY_CONNECTED, a8 or a16, w4 or w8);
-3. calibration runs only for the tensors we do not design (op outputs); each layer's *input*
-   range is overwritten with the checkpoint's so the int8 scale and zero point equal ours, and
-   the clamp makes 3–6-bit designs exact inside the int8 container;
+3. each layer's *input* range is the checkpoint's, so the int8 scale and zero point equal ours (the
+   clamp makes 3–6-bit designs exact inside the int8 container); the ranges of the op *outputs*
+   (requantized by LiteRT) come from running the PyTorch float flavour on the calibration inputs;
 4. the result is checked: each layer's TFLite input scale/zero point and weight scales are read
    back and compared with the checkpoint, and ops that did not become integer are listed.
 
@@ -102,12 +102,14 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
         if kind not in ("CONV_2D", "FULLY_CONNECTED"):
             continue
         w = sg.tensors[op.inputs[1]]
+        fused = getattr(getattr(op, "builtinOptions", None), "fusedActivationFunction", 0) or 0
         data = model.buffers[w.buffer].data
         if data is None or len(data) == 0:
             continue
         by_shape.setdefault(tuple(int(d) for d in w.shape), []).append({
             "op": kind, "input": _tensor_name(sg.tensors[op.inputs[0]]), "output": _tensor_name(sg.tensors[op.outputs[0]]),
-            "weight": _tensor_name(w), "values": _normalised(raw := np.frombuffer(bytes(data), dtype=np.float32)),
+            "weight": _tensor_name(w), "fused_activation": int(fused),
+            "values": _normalised(raw := np.frombuffer(bytes(data), dtype=np.float32)),
             "peak": float(np.abs(raw).max())})
     found: dict[str, dict[str, Any]] = {}
     for name in layer_names:
@@ -156,9 +158,41 @@ def _weight_container(w_bits: int, policy: str) -> int:
     return 4 if w_bits <= 4 and policy == "auto" else 8
 
 
-def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module, info: dict[str, dict[str, Any]],
-                                    calib_inputs: list[tuple[torch.Tensor, ...]], constant: set[str],
-                                    weight_container: str = "auto") -> tuple[bytes, dict[str, Any]]:
+# TFLite ActivationFunctionType → the interval its fused activation maps outputs into
+_FUSED_CLIP = {0: (-np.inf, np.inf), 1: (0.0, np.inf), 2: (-1.0, 1.0), 3: (0.0, 6.0)}
+
+
+def _after_fused_activation(rng: list[float], fused: int, name: str) -> tuple[float, float]:
+    if fused not in _FUSED_CLIP:
+        raise ExportError(f"layer {name}: the converter fused activation type {fused} into its op; its output range is unknown")
+    lo, hi = _FUSED_CLIP[fused]
+    return float(np.clip(rng[0], lo, hi)), float(np.clip(rng[1], lo, hi))
+
+
+def output_ranges(module: torch.nn.Module, wrapped: torch.nn.Module, calib_inputs: list[tuple[torch.Tensor, ...]],
+                  names: list[str]) -> dict[str, tuple[float, float]]:
+    """Range of each quantized conv/linear's own output (before any low-rank branch is added) over the calibration
+    inputs, from the PyTorch float flavour: the same values the float TFLite computes, without running a TFLite
+    calibration interpreter that keeps every intermediate tensor (> 24 GB at 512 px)."""
+    layers = {n: module.get_submodule(n) for n in names}
+    for layer in layers.values():
+        layer.output_range = ()
+    try:
+        with torch.no_grad():
+            for inp in calib_inputs:
+                wrapped(*inp)
+        missing = [n for n, layer in layers.items() if not layer.output_range]
+        if missing:
+            raise ExportError(f"layers {missing[:3]} did not run on the calibration inputs; their output ranges are unknown")
+        return {n: layer.output_range for n, layer in layers.items()}
+    finally:
+        for layer in layers.values():
+            layer.output_range = None
+
+
+def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module, wrapped: torch.nn.Module,
+                                    info: dict[str, dict[str, Any]], calib_inputs: list[tuple[torch.Tensor, ...]],
+                                    constant: set[str], weight_container: str = "auto") -> tuple[bytes, dict[str, Any]]:
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer import quantizer as aeq
 
@@ -175,15 +209,14 @@ def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module,
         # an op's scope is its output tensor names joined with ";" plus a trailing ";"
         q.add_static_config(f"^{re.escape(op['output'])};$", getattr(qtyping.TFLOperationName, op["op"]), a_cont, w_cont)
         plan[name] = {**op, "a_container": a_cont, "w_container": w_cont}
-    sig = "serving_default"
-    data = {sig: [{f"args_{i}": t.numpy() for i, t in enumerate(inp)} for inp in calib_inputs]}
-    calib = q.calibrate(data)
+    outputs = output_ranges(module, wrapped, calib_inputs, list(plan))
+    calib: dict[str, dict[str, np.ndarray]] = {}
     for name, p in plan.items():
         lo, hi = _designed_range(info[name]["act"], p["a_container"])
-        own = calib.get(p["input"])
-        if own is None:
-            raise ExportError(f"layer {name}: the quantizer collected no statistics for its input tensor {p['input']}")
-        calib[p["input"]] = {**own, "min": np.full_like(own["min"], lo), "max": np.full_like(own["max"], hi)}
+        calib[p["input"]] = {"min": np.array([lo], np.float32), "max": np.array([hi], np.float32)}
+        # the converter folds a positive factor into some weights (and biases): the op's output is scaled alike
+        out_lo, out_hi = _after_fused_activation([v * p["factor"] for v in outputs[name]], p["fused_activation"], name)
+        calib[p["output"]] = {"min": np.array([out_lo], np.float32), "max": np.array([out_hi], np.float32)}
     with large_conv_weights_fixed():
         result = q.quantize(calib, enable_progress_report=False)
     return write_checkpoint_weights(bytes(result.quantized_model), plan, module), plan
@@ -395,7 +428,7 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
     calib_inputs = calib_inputs or validate_inputs
     if not calib_inputs:
         raise ExportError("an integer TFLite export needs calibration images for the op outputs (--calib)")
-    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, info, calib_inputs, constant, weight_container)
+    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, wrapped, info, calib_inputs, constant, weight_container)
     table = read_back(qbytes, plan, info, module)
     folded = sorted(set(n for n, d in info.items() if d.get("act") is not None) - set(plan))
     fallbacks = [n for n, r in table.items() if not r.get("integer")]
