@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4, help="calibration images (op-output ranges and MinMax)")
     ap.add_argument("--validate-images", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="> 1: afterwards re-time all variants in this many interleaved rounds")
+    ap.add_argument("--lean", action="store_true", help="keep one full model in memory (rebuild the float one per row); "
+                    "lets the osdface UNet export fit a 24 GB machine")
     ap.add_argument("--keep-files", action="store_true", help="keep the .tflite files in --work (default: delete after timing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tflite_latency"))
     ap.add_argument("--out", type=Path, required=True)
@@ -133,7 +136,8 @@ def main() -> None:
         write_tables(rows, args, measured["image_size"], args.out, {k: measured[k] for k in ("command", "environment")})
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fp = build_model(preset(args.preset), seed=0) if args.preset else load_model(args.model)
+    load_fp = lambda: build_model(preset(args.preset), seed=0) if args.preset else load_model(args.model)  # noqa: E731
+    fp = load_fp()
     size = fp.config.image_size
     calib = build_calibration_set([BUNDLED_FACES], args.work / "calib", n=args.images, size=size, seed=0, progress=False)
     batches = CalibrationSet.open(calib).batches(size, 1)
@@ -148,7 +152,12 @@ def main() -> None:
                 print(f"{part} {label}: kept from an earlier run", flush=True)
                 continue
             t0 = time.perf_counter()
+            if args.lean and fp is None:
+                fp = load_fp()
             model = quantized_copy(fp, bits, batches, device) if bits else fp
+            if args.lean and bits:
+                fp = None  # rebuilt (same seed / same file) for the next row: one full model in memory, not two
+                gc.collect()
             quantize_s = time.perf_counter() - t0
             samples = part_inputs(model, part, batches)
             path = args.work / f"{part}__{label.replace(':', '_')}.tflite"
@@ -173,6 +182,7 @@ def main() -> None:
                   f"export {export_s:.0f} s", flush=True)
             write_tables(rows, args, size, args.out)
             del model
+            gc.collect()
     if args.rounds > 1:
         retime_interleaved(rows, args)
     write_tables(rows, args, size, args.out)

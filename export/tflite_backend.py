@@ -111,18 +111,19 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
         data = model.buffers[w.buffer].data
         if data is None or len(data) == 0:
             continue
+        raw = np.asarray(data, np.uint8).view(np.float32)  # a view of the parsed buffer: no per-weight copies (GBs at 512 px)
         by_shape.setdefault(tuple(int(d) for d in w.shape), []).append({
             "op": kind, "input": _tensor_name(sg.tensors[op.inputs[0]]), "output": _tensor_name(sg.tensors[op.outputs[0]]),
-            "weight": _tensor_name(w), "fused_activation": int(fused),
-            "values": _normalised(raw := np.frombuffer(bytes(data), dtype=np.float32)),
-            "peak": float(np.abs(raw).max())})
+            "weight": _tensor_name(w), "fused_activation": int(fused), "values": raw, "peak": float(np.abs(raw).max())})
     found: dict[str, dict[str, Any]] = {}
     for name in layer_names:
         w = module.get_submodule(name).weight_float
         w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # TFLite conv weights are OHWI
         ours = _normalised(w.detach().numpy())
         pool = by_shape.get(tuple(w.shape), [])
-        hit = next((c for c in pool if np.allclose(c["values"], ours, atol=1e-5)), None)
+        probe = np.linspace(0, ours.size - 1, num=min(ours.size, 256)).astype(np.int64)  # cheap rejection before the full compare
+        hit = next((c for c in pool if np.allclose(c["values"][probe] / max(c["peak"], 1e-30), ours[probe], atol=1e-5)
+                    and np.allclose(c["values"] / max(c["peak"], 1e-30), ours, atol=1e-5)), None)
         if hit is None and name in constant:
             continue  # folded into a constant by the converter
         if hit is None:
