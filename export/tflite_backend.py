@@ -11,8 +11,10 @@ and litert-torch's PT2E quantizer silently mis-quantized layers when probed. Her
 3. each layer's *input* range is the checkpoint's, so the int8 scale and zero point equal ours (the
    clamp makes 3–6-bit designs exact inside the int8 container); the ranges of the op *outputs*
    (requantized by LiteRT) come from running the PyTorch float flavour on the calibration inputs;
-4. the result is checked: each layer's TFLite input scale/zero point and weight scales are read
-   back and compared with the checkpoint, and ops that did not become integer are listed.
+4. the quantizer's own weight grids are replaced by the checkpoint's integers and per-channel scales
+   (biases requantized to match), in int4 or int8 containers;
+5. the result is checked: each layer's TFLite input scale/zero point, weight scales and stored weight
+   integers are read back and compared with the checkpoint, and ops that did not become integer are listed.
 
 TFLite has no sub-8-bit activation kernels: ≤ 8 designed bits execute as int8, more as int16
 (symmetric, slow reference kernels on CPU). Deviations from the fake-quant model: conv outputs
@@ -59,6 +61,10 @@ def _op_names() -> dict[int, str]:
 
 def _tensor_name(t) -> str:
     return t.name.decode() if isinstance(t.name, bytes) else t.name
+
+
+def _tflite_layout(w: torch.Tensor) -> np.ndarray:
+    return (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).contiguous().numpy()  # TFLite conv weights are OHWI
 
 
 def _normalised(values: np.ndarray) -> np.ndarray:
@@ -117,9 +123,8 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
             "weight": _tensor_name(w), "fused_activation": int(fused), "values": raw, "peak": float(np.abs(raw).max())})
     found: dict[str, dict[str, Any]] = {}
     for name in layer_names:
-        w = module.get_submodule(name).weight_float
-        w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # TFLite conv weights are OHWI
-        ours = _normalised(w.detach().numpy())
+        w = _tflite_layout(module.get_submodule(name).weight_float.detach())
+        ours = _normalised(w)
         pool = by_shape.get(tuple(w.shape), [])
         probe = np.linspace(0, ours.size - 1, num=min(ours.size, 256)).astype(np.int64)  # cheap rejection before the full compare
         hit = next((c for c in pool if np.allclose(c["values"][probe] / max(c["peak"], 1e-30), ours[probe], atol=1e-5)
@@ -131,7 +136,7 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
                               "(the converter changed it; it cannot be quantized with the checkpoint's scales)")
         pool.remove(hit)
         # the positive factor the converter folded into this layer's weights (1 for most layers)
-        factor = hit["peak"] / max(float(w.abs().max()), 1e-30)
+        factor = hit["peak"] / max(float(np.abs(w).max()), 1e-30)
         found[name] = {**{k: v for k, v in hit.items() if k not in ("values", "peak")}, "factor": factor}
     return found
 
@@ -244,10 +249,6 @@ def _unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
     return out[:count]
 
 
-def _tflite_layout(w: torch.Tensor) -> np.ndarray:
-    return (w.permute(0, 2, 3, 1) if w.dim() == 4 else w).contiguous().numpy()  # TFLite conv weights are OHWI
-
-
 def write_checkpoint_weights(qbytes: bytes, plan: dict[str, dict[str, Any]], module: torch.nn.Module) -> bytes:
     """Replace the quantizer's own weight grids with the checkpoint's integers and per-channel scales.
 
@@ -304,7 +305,6 @@ def _requantize_bias(model, bt, new_w_scale: np.ndarray, in_scale: float, name: 
 def read_back(qbytes: bytes, plan: dict[str, dict[str, Any]], info: dict[str, dict[str, Any]], module: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """Compare the TFLite quantization parameters of every layer with the checkpoint's."""
     from ai_edge_litert.interpreter import Interpreter
-
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
     it = Interpreter(model_content=qbytes)
