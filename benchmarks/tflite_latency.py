@@ -48,6 +48,11 @@ def parse_variant(text: str) -> tuple[str | None, str]:
     return (None if bits == "float" else bits), (container or "auto")
 
 
+def row_stem(part: str, label: str) -> str:
+    """File stem of a row's JSON and .tflite in --work ('unet__w4a4_int8')."""
+    return f"{part}__{label.replace(':', '_')}"
+
+
 def quantized_copy(fp: torch.nn.Module, bits: str, batches: list[torch.Tensor], device: torch.device) -> torch.nn.Module:
     model = copy.deepcopy(fp).to(device)
     quantize_(model, QuantConfig.for_bits("minmax", bits), MethodContext([b.to(device) for b in batches], device=device))
@@ -88,7 +93,7 @@ def write_tables(rows: list[dict], args: argparse.Namespace, size: int, out: Pat
         lines.append(f"| {r['part']} | {r['variant']} | {r['bytes'] / 1e6:.1f} | {rel_size} | {lat['median']:.1f} | {lat['min']:.1f} | "
                      f"{lat['max']:.1f} | {rel_lat} | {psnr} | {r['export_seconds']:.0f} |")
     parts = sorted({r["part"] for r in rows})
-    variants = [v for v in dict.fromkeys(r["variant"] for r in rows)]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     if len(parts) > 1:
         lines += ["", f"Sum over parts ({', '.join(parts)}; a variant is summed only where every part has it):", "",
                   "| variant | file MB | median ms | vs float latency |", "|---|---|---|---|"]
@@ -146,7 +151,7 @@ def main() -> None:
     for part in args.parts.split(","):
         for bits, container in variants:
             label = "float" if bits is None else (bits if container == "auto" else f"{bits}:{container}")
-            row_file = rows_dir / f"{part}__{label.replace(':', '_')}.json"
+            row_file = rows_dir / f"{row_stem(part, label)}.json"
             if row_file.is_file():
                 rows.append(json.loads(row_file.read_text()))
                 print(f"{part} {label}: kept from an earlier run", flush=True)
@@ -160,7 +165,7 @@ def main() -> None:
                 gc.collect()
             quantize_s = time.perf_counter() - t0
             samples = part_inputs(model, part, batches)
-            path = args.work / f"{part}__{label.replace(':', '_')}.tflite"
+            path = args.work / f"{row_stem(part, label)}.tflite"
             t1 = time.perf_counter()
             rep = export_tflite(model, path, part=part, calib_inputs=samples if bits else None,
                                 validate_inputs=samples[: args.validate_images] if bits else None, weight_container=container)
@@ -191,7 +196,7 @@ def main() -> None:
 def retime_interleaved(rows: list[dict], args: argparse.Namespace) -> None:
     """Time every kept file again in ``--rounds`` interleaved rounds (float, a, b, …, float, a, b, …), each in a
     fresh process, and report the median over rounds: host drift then hits every variant alike."""
-    files = {id(r): args.work / f"{r['part']}__{r['variant'].replace(':', '_')}.tflite" for r in rows}
+    files = {id(r): args.work / f"{row_stem(r['part'], r['variant'])}.tflite" for r in rows}
     medians: dict[int, list[float]] = {id(r): [] for r in rows}
     for _ in range(args.rounds):
         for r in rows:
@@ -206,5 +211,4 @@ def retime_interleaved(rows: list[dict], args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
