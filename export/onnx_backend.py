@@ -50,7 +50,63 @@ def _to_int4(init: onnx.TensorProto) -> None:
     init.raw_data = _pack_int4(arr)
 
 
-def _postprocess(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _resolve(proto: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
+    """The initializer or Constant value behind ``name``, through Identity nodes; None if computed."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    while name not in inits:
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            return node.attribute[0].t
+        if node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return inits[name]
+
+
+def _uint16_containers(proto: onnx.ModelProto) -> int:
+    """Retype the 16-bit activation QDQ (traced with int32 zero points and clip bounds, since
+    TorchScript has no uint16 export) to UINT16 constants: Q → [Clip] → DQ. Returns how many."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    count = 0
+    for q in [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]:
+        zp = _resolve(proto, q.input[2])
+        if zp is None or zp.data_type != onnx.TensorProto.INT32:
+            continue
+
+        def u16(src: str, tag: str) -> str:
+            value = onnx.numpy_helper.to_array(_resolve(proto, src)).astype(np.int64)
+            if value.min() < 0 or value.max() > 65535:
+                raise ExportError(f"{q.name}: a 16-bit activation bound {value} lies outside uint16")
+            name = f"{q.name}/{tag}_uint16"
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(value.astype(np.uint16), name))
+            return name
+
+        zp_name = u16(q.input[2], "zero_point")
+        q.input[2] = zp_name
+        nxt = consumers.get(q.output[0], [])
+        for n in nxt:
+            if n.op_type == "Clip":
+                n.input[1], n.input[2] = u16(n.input[1], "q_lo"), u16(n.input[2], "q_hi")
+                nxt = nxt + consumers.get(n.output[0], [])
+        for n in nxt:
+            if n.op_type == "DequantizeLinear":
+                n.input[2] = zp_name
+        count += 1
+    return count
+
+
+def finalize(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Turn the traced graph into the exported one, in place: Hadamard local functions attached,
+    16-bit activation containers retyped to UINT16, ≤ 4-bit weights packed as INT4 initializers.
+    ``layer_info``: layer name → ExportQuantLayer.describe(); the name "" stands for a graph of one
+    layer traced alone (its weight initializer is plain ``weight_int``). Returns counts for the report."""
+    uint16 = _uint16_containers(proto)
     used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
     if used:
         proto.functions.extend(function_protos(used))
@@ -58,7 +114,7 @@ def _postprocess(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) 
     int4, int8 = [], []
     by_name = {i.name: i for i in proto.graph.initializer}
     for layer, info in layer_info.items():
-        key = f"{layer}.weight_int"
+        key = f"{layer}.weight_int" if layer else "weight_int"
         init = next((v for k, v in by_name.items() if k.endswith(key)), None)
         if init is None or info["w_bits"] is None:
             continue
@@ -70,7 +126,8 @@ def _postprocess(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) 
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"int4_weight_layers": len(int4), "int8_weight_layers": len(int8), "hadamard_functions": sorted(used), "op_counts": ops}
+    return {"int4_weight_layers": len(int4), "int8_weight_layers": len(int8), "uint16_activation_layers": uint16,
+            "hadamard_functions": sorted(used), "op_counts": ops}
 
 
 def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "full", dynamic: bool = False, opset: int = OPSET) -> dict[str, Any]:
@@ -89,7 +146,7 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
             torch.onnx.export(wrapped, inputs, str(raw), dynamo=False, opset_version=opset, input_names=in_names, output_names=out_names,
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
-        report = _postprocess(proto, layer_info)
+        report = finalize(proto, layer_info)
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > _TWO_GB - 64 * 2**20  # serialisation limit
         try:
             if not external:
@@ -117,25 +174,23 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
     return report
 
 
-DISABLED_ORT_OPTIMIZERS = ["WeightBiasQuantization", "ConvAddActivationFusion", "ConvActivationFusion", "QDQPropagationTransformer", "MatMulAddFusion"]
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, optimize: bool = True):
+    """A *default* ONNX Runtime CPU session — what a user gets from ``InferenceSession(path)`` —
+    or, with ``optimize=False``, one with every graph optimisation off (the ONNX reference
+    semantics of the QDQ graph). ``threads`` sets intra-op threads (None: ORT's default).
 
-
-def ort_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True):
+    The exported graphs need no session options to be exact: activations and 5–8-bit weights are
+    unsigned (u8·u8 kernels, no saturation on AVX2), narrowing clips act on integers, biases are
+    separate Adds (export/ops.py, export/prepare.py).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # keep QDQ semantics for MatMulNBits
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
-    # * WeightBiasQuantization rewrites float conv biases as int32 at scale s_x·s_w; with 3–6-bit
-    #   designs that step is coarse (≈0.05 on a 4-bit layer) and changes results, while the
-    #   checkpoint's biases are float.
-    # * ConvAddActivationFusion / ConvActivationFusion fold the Clip that narrows the *next* layer's
-    #   activation range into the producing Conv; when that Conv/Add output also feeds a residual
-    #   path, the clip then wrongly applies there too (0.8 error measured on the tiny UNet).
-    # * signed-int8 activation QDQ trips QDQPropagation / MatMulAddFusion in ORT 1.32 (UPSTREAM.md).
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(path: str | os.PathLike, inputs: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:

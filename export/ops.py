@@ -3,9 +3,19 @@
 Their ``forward`` computes exactly what the fake-quant model computes, so the export module is a
 faithful, traceable copy; their ``symbolic`` (TorchScript exporter) writes:
 
-* ``ActQDQ``      → [Clip(lo, hi)] → QuantizeLinear → DequantizeLinear (per tensor; the Clip narrows
-                    an int8/uint8/int16 container to the designed 3–6-bit range so results are exact)
-* ``WeightDQ``    → DequantizeLinear(integer weight initializer, per-channel scale, axis 0)
+* ``ActQDQ``      → QuantizeLinear(uint8 | uint16) → [Clip(q_lo, q_hi) on the *integers*] → DequantizeLinear
+                    (per tensor). Activations always travel in an unsigned container: a symmetric
+                    grid q ∈ [−2^(b−1), 2^(b−1)−1] is stored as q + 128 (zero point 128), which holds
+                    it exactly. The integer Clip narrows the container to a designed 3–7-bit range;
+                    placed between Q and DQ it is exact and no float fusion can move it onto another
+                    consumer of the producing op (ORT's Conv(+Add)+Clip fusions did, before).
+* ``WeightDQ``    → DequantizeLinear(integer weight initializer, per-channel scale, zero point, axis):
+                    INT4 initializers for ≤ 4-bit weights (float kernels: no runtime has a saturating
+                    int4 path), uint8 with zero point 128 for 5–8-bit weights. uint8 × uint8 is the
+                    one 8-bit product whose x86 kernels cannot saturate: u8 × s8 runs through
+                    VPMADDUBSW (16-bit pair sums) on CPUs without VNNI, which ONNX Runtime picks by
+                    default for QDQ MatMul → MatMulIntegerToFloat, and lost 21–44 % of the output
+                    range on attention projections of the tiny model (AVX2 EPYC).
 * ``Fp16Weight``  → Cast(float16 initializer → float): low-rank branches stored in 16 bit
 * ``Hadamard``    → quantface.HadamardNCHW / quantface.HadamardLast (local functions, see hadamard_onnx)
 """
@@ -16,27 +26,51 @@ import torch
 
 
 class ActQDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, lo, hi, qmin: int, qmax: int, clip: bool):
-        q = torch.clamp(torch.round(x / scale) + zero_point.to(x.dtype), qmin, qmax)
-        return (q - zero_point.to(x.dtype)) * scale
+    """Fake quantization in the container's integer domain.
+
+    Args: x float (any shape); scale float32 scalar (> 0); zero_point, q_lo, q_hi scalars of the
+    container dtype (torch.uint8 or torch.uint16: the designed zero point / grid bounds shifted into
+    the container); clip: whether [q_lo, q_hi] is narrower than the container.
+    Returns ``(clamp(round(x / scale) + zero_point, q_lo, q_hi) − zero_point) · scale`` — identical to
+    the checkpoint's FakeQuantizer, since the shift by the container offset is exact in float.
+    """
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, lo, hi, qmin, qmax, clip):
-        if clip:
-            x = g.op("Clip", x, lo, hi)
+    def forward(ctx, x, scale, zero_point, q_lo, q_hi, clip: bool):
+        zp = zero_point.to(x.dtype)
+        q = torch.clamp(torch.round(x / scale) + zp, q_lo.to(x.dtype), q_hi.to(x.dtype))
+        return (q - zp) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, q_lo, q_hi, clip):
         q = g.op("QuantizeLinear", x, scale, zero_point)
+        if clip:
+            q = g.op("Clip", q, q_lo, q_hi)
         return g.op("DequantizeLinear", q, scale, zero_point)
 
 
 class WeightDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w_int, scale):
-        return w_int.to(scale.dtype) * scale.reshape(-1, *([1] * (w_int.dim() - 1)))
+    """``(w_stored − zero_point) · scale`` per channel along ``axis``.
+
+    Args: w_stored int8 (≤ 4-bit designs, written as INT4) or uint8 (design + 128); scale float32
+    (channels,); zero_point None or uint8 (channels,) all 128; axis: the output-channel axis
+    (0 for conv OIHW, 1 for the (in, out) linear weight that feeds MatMul directly).
+    """
 
     @staticmethod
-    def symbolic(g, w_int, scale):
-        return g.op("DequantizeLinear", w_int, scale, axis_i=0)
+    def forward(ctx, w_stored, scale, zero_point, axis: int):
+        shape = [1] * w_stored.dim()
+        shape[axis] = -1
+        w = w_stored.to(scale.dtype)
+        if zero_point is not None:
+            w = w - zero_point.to(scale.dtype).reshape(shape)
+        return w * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, w_stored, scale, zero_point, axis):
+        if zero_point is None or zero_point.node().mustBeNone():
+            return g.op("DequantizeLinear", w_stored, scale, axis_i=axis)
+        return g.op("DequantizeLinear", w_stored, scale, zero_point, axis_i=axis)
 
 
 class Fp16Weight(torch.autograd.Function):

@@ -33,18 +33,24 @@ class ActInfo:
     symmetric: bool
     scale: float
     zero_point: int
-    container: str  # uint8 | int8 | uint16 | int16
+    container: str  # ONNX container: uint8 | uint16 (symmetric grids shifted by container_offset)
+    container_offset: int
     clamp: bool
     lo: float
     hi: float
 
 
-def container_for(bits: int, symmetric: bool) -> tuple[str, torch.dtype, int, int]:
-    """Smallest standard integer type holding the designed grid: (name, dtype, min, max)."""
+def container_for(bits: int, symmetric: bool) -> tuple[str, torch.dtype, int, int, int]:
+    """The unsigned ONNX container of a ``bits``-bit activation grid: (name, dtype, offset, min, max).
+
+    A symmetric grid is shifted by ``offset`` (128 or 32768) so that it sits in the unsigned type
+    exactly; unsigned containers are the ones whose default ORT kernels are exact on every x86 CPU
+    (see export/ops.py). Raises ValueError above 16 bits.
+    """
     if bits <= 8:
-        return ("int8", torch.int8, -128, 127) if symmetric else ("uint8", torch.uint8, 0, 255)
-    if bits <= 16:
-        return ("int16", torch.int16, -32768, 32767) if symmetric else ("uint16", torch.uint16, 0, 65535)
+        return "uint8", torch.uint8, (128 if symmetric else 0), 0, 255
+    if bits <= 16:  # int32 in the traced graph (TorchScript cannot export uint16), retyped to UINT16 after export
+        return "uint16", torch.int32, (32768 if symmetric else 0), 0, 65535
     raise ValueError(bits)
 
 
@@ -105,19 +111,21 @@ class ExportQuantLayer(nn.Module):
                               "for Q-Diffusion quantize with params {\"split_shortcut\": false} to export")
         if not bool(q.initialized):
             raise ExportError(f"layer {self.name}: activation quantizer was never calibrated")
-        name, dtype, cmin, cmax = container_for(q.spec.bits, q.spec.symmetric)
+        name, dtype, offset, cmin, cmax = container_for(q.spec.bits, q.spec.symmetric)
         scale = float(q.scale.reshape(-1)[0])
         zp = int(round(float(q.zero_point.reshape(-1)[0])))
-        clamp = q.spec.qmin > cmin or q.spec.qmax < cmax
+        if not (np.isfinite(scale) and scale > 0):
+            raise ExportError(f"layer {self.name}: activation scale {scale} is not a positive finite number")
+        clamp = q.spec.qmin + offset > cmin or q.spec.qmax + offset < cmax
         lo, hi = (q.spec.qmin - zp) * scale, (q.spec.qmax - zp) * scale
-        self.act = ActInfo(q.spec.bits, q.spec.symmetric, scale, zp, name, clamp, lo, hi)
+        self.act = ActInfo(q.spec.bits, q.spec.symmetric, scale, zp, name, offset, clamp, lo, hi)
         self.qmin, self.qmax = q.spec.qmin, q.spec.qmax
         if self.flavour == "float":
             return
         self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("act_zero_point", torch.tensor(zp, dtype=dtype))
-        self.register_buffer("act_lo", torch.tensor(lo, dtype=torch.float32))
-        self.register_buffer("act_hi", torch.tensor(hi, dtype=torch.float32))
+        self.register_buffer("act_zero_point", torch.tensor(zp + offset, dtype=dtype))
+        self.register_buffer("act_q_lo", torch.tensor(q.spec.qmin + offset, dtype=dtype))
+        self.register_buffer("act_q_hi", torch.tensor(q.spec.qmax + offset, dtype=dtype))
 
     def _init_weight(self, layer) -> None:
         wq = layer.weight_quantizer
@@ -140,7 +148,21 @@ class ExportQuantLayer(nn.Module):
             # plain attributes (not in the traced graph): the TFLite backend writes these exact integers and scales back
             self.design_weight_int, self.design_weight_scale = w_int, scale.clone()
             return
-        self.register_buffer("weight_int", w_int)
+        # ONNX layout: conv OIHW (channel axis 0); linear (in, out) so the DQ feeds MatMul directly (axis 1).
+        # A linear layer whose input is not an ≤ 8-bit QDQ (16-bit or float activations) gets its weight as
+        # (1, in, out), axis 2: on a 2-D DQ weight ORT's default session builds MatMulNBits with
+        # accuracy_level 4, which re-quantizes the activations to int8 (0.5-0.8 % error measured on 16-bit
+        # layers); with 8-bit activation QDQ the 2-D form is needed, since ORT fuses it into MatMulIntegerToFloat
+        # (u8·u8, exact) and rejects the 3-D form's zero point there.
+        self.weight_3d = not self.is_conv and (self.act is None or self.act.bits > 8)
+        self.weight_axis = 0 if self.is_conv else (2 if self.weight_3d else 1)
+        stored = w_int if self.is_conv else (w_int.t().contiguous()[None] if self.weight_3d else w_int.t().contiguous())
+        if wq.bits <= 4:  # written as an INT4 initializer (export/onnx_backend.py), no zero point
+            self.register_buffer("weight_int", stored)
+            self.weight_zero_point = None
+        else:  # uint8 container, zero point 128: the symmetric grid exactly, and a u8·u8 product in ORT
+            self.register_buffer("weight_int", (stored.to(torch.int16) + 128).to(torch.uint8))
+            self.register_buffer("weight_zero_point", torch.full((w.shape[0],), 128, dtype=torch.uint8))
         self.register_buffer("weight_scale", scale.clone())
 
     def _init_branch(self, layer) -> None:
@@ -181,9 +203,22 @@ class ExportQuantLayer(nn.Module):
         if self.flavour == "float":
             return self._float_forward(x, branch_in)
         if self.act is not None:
-            x = ActQDQ.apply(x, self.act_scale, self.act_zero_point, self.act_lo, self.act_hi, self.qmin, self.qmax, self.act.clamp)
-        w = WeightDQ.apply(self.weight_int, self.weight_scale) if self.w_bits is not None else self.weight_float
-        return self._add_branch(self._linear_op(x, w), branch_in, Fp16Weight.apply)
+            x = ActQDQ.apply(x, self.act_scale, self.act_zero_point, self.act_q_lo, self.act_q_hi, self.act.clamp)
+        if self.w_bits is not None:
+            w = WeightDQ.apply(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight_axis)
+        else:
+            w = self.weight_float if self.is_conv else self.weight_float.t()
+        # The float bias is a separate Add: on a Conv/MatMul whose inputs are DQ, ORT's default
+        # WeightBiasQuantization would round it to int32 at s_x·s_w, coarse for 3–6-bit designs.
+        if self.is_conv:
+            y = F.conv2d(x, w, None, **self.conv_args)
+        elif w.dim() == 3 and x.dim() == 2:  # (N, in) · (1, in, out): keep the product 2-D in the graph
+            y = torch.matmul(x.unsqueeze(0), w).squeeze(0)
+        else:
+            y = torch.matmul(x, w)
+        if self.bias is not None:
+            y = y + (self.bias.reshape(1, -1, 1, 1) if self.is_conv else self.bias)
+        return self._add_branch(y, branch_in, Fp16Weight.apply)
 
     def _float_forward(self, x: torch.Tensor, branch_in: torch.Tensor) -> torch.Tensor:
         if self.act is not None:

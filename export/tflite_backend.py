@@ -399,10 +399,14 @@ def op_census(tflite: bytes) -> dict[str, Any]:
     return {"integer_ops": integer, "float_ops": floating}
 
 
-def run_tflite(tflite: bytes, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
+def run_tflite(tflite: bytes, inputs: tuple[torch.Tensor, ...], threads: int | None = None, xnnpack: bool = True) -> np.ndarray:
+    """Run the default signature on ``inputs`` (float32 tensors) in LiteRT's interpreter and return
+    the first output. ``xnnpack=True`` is the default interpreter (XNNPACK delegate applied, as in
+    apps); ``False`` uses the built-in reference/optimized kernels only."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    it = Interpreter(model_content=tflite, num_threads=threads)
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_content=tflite, num_threads=threads, experimental_op_resolver_type=resolver)
     runner = it.get_signature_runner()
     out = runner(**{f"args_{i}": t.numpy() for i, t in enumerate(inputs)})
     return next(iter(out.values()))
@@ -481,6 +485,8 @@ def validate_tflite(qbytes: bytes, float_bytes: bytes, model: torch.nn.Module, p
     from export.onnx_backend import compare
     from toolchain.quant.calibrate import quantizers_off
 
+    from toolchain.profile.cpu import cpu_isa
+
     image = part in ("full", "vae_decoder")
     rows = []
     for inp in inputs:
@@ -489,9 +495,11 @@ def validate_tflite(qbytes: bytes, float_bytes: bytes, model: torch.nn.Module, p
             fq = wrapped(*inp).numpy()
             with quantizers_off(model):
                 fp = wrapped(*inp).numpy()
-        tq = run_tflite(qbytes, inp)
-        rows.append({"vs_fake_quant": compare(tq, fq, image), "vs_fp": compare(tq, fp, image), "fake_quant_vs_fp": compare(fq, fp, image)})
+        tq = run_tflite(qbytes, inp)  # LiteRT's default interpreter: XNNPACK on
+        rows.append({"vs_fake_quant": compare(tq, fq, image), "vs_fp": compare(tq, fp, image), "fake_quant_vs_fp": compare(fq, fp, image),
+                     "xnnpack_off_vs_fake_quant": compare(run_tflite(qbytes, inp, xnnpack=False), fq, image)})
     key = "psnr_db" if image else "max_abs_error"
     agg = lambda k: float(np.median([r[k][key] for r in rows]))  # noqa: E731
     return {"images": len(rows), "metric": key, "median_vs_fake_quant": agg("vs_fake_quant"), "median_vs_fp": agg("vs_fp"),
-            "median_fake_quant_vs_fp": agg("fake_quant_vs_fp"), "per_image": rows}
+            "median_fake_quant_vs_fp": agg("fake_quant_vs_fp"), "median_xnnpack_off_vs_fake_quant": agg("xnnpack_off_vs_fake_quant"),
+            "cpu": cpu_isa(), "per_image": rows}

@@ -9,6 +9,11 @@ level. ``validate`` reports, per image, ORT vs PyTorch together with the *float-
 PyTorch against itself with 1e-7 relative noise on every conv/linear output — so a mismatch can
 be told apart from an export bug; ``layer_parity`` checks every quantized layer on its real
 input (teacher-forced), where an export bug cannot hide.
+
+Both run the graph twice: in a *default* ONNX Runtime session (what a user's
+``InferenceSession(path)`` does, every graph optimisation and fused integer kernel on) and with
+every optimisation off (the ONNX reference semantics), and name the CPU's ISA, because ORT picks
+its integer kernels by CPU (export/ops.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from torch import nn
 from export.onnx_backend import compare, ort_session
 from export.parts import part_module
 from export.prepare import ExportQuantLayer, export_module
+from toolchain.profile.cpu import cpu_isa
+
+SESSIONS = {"default": True, "no_optimizations": False}  # name → ORT graph optimisations on
 
 
 def perturbed_reference(model: nn.Module, part: str, inputs: tuple[torch.Tensor, ...], rel: float = 1e-7, seed: int = 0) -> np.ndarray:
@@ -39,36 +47,56 @@ def perturbed_reference(model: nn.Module, part: str, inputs: tuple[torch.Tensor,
             h.remove()
 
 
+def _image_summary(rows: list[dict[str, Any]], image: bool) -> dict[str, Any]:
+    summary: dict[str, Any] = {"images": len(rows), "per_image": rows, "max_abs_error": max(r["max_abs_error"] for r in rows)}
+    if image:
+        finite = [min(r["psnr_db"], 150.0) for r in rows]
+        summary.update({"psnr_db_min": min(finite), "psnr_db_median": float(np.median(finite))})
+    return summary
+
+
 def validate(onnx_path: str, model: nn.Module, part: str, batches: list[tuple[torch.Tensor, ...]], threads: int | None = None) -> dict[str, Any]:
-    """ORT vs PyTorch on each input tuple; image outputs get PSNR on the [0, 1] scale."""
-    sess = ort_session(onnx_path, threads)
-    names = [i.name for i in sess.get_inputs()]
+    """ORT vs PyTorch (fake-quant or float) on each input tuple, in a default session and with all
+    graph optimisations off.
+
+    Args: onnx_path: an exported ``.onnx``; model: the PyTorch model it came from; part: as in
+    export/parts.py; batches: input tuples of float32 tensors in the part's layout (images in
+    [-1, 1]). Returns the default session's figures at the top level (``max_abs_error``, and for
+    image outputs ``psnr_db_min`` / ``psnr_db_median`` in dB on the [0, 1] scale), the same under
+    ``sessions.no_optimizations``, the float-noise floor per image, and ``cpu`` (cpu_isa()).
+    """
+    sessions = {name: ort_session(onnx_path, threads, optimize=opt) for name, opt in SESSIONS.items()}
+    names = [i.name for i in sessions["default"].get_inputs()]
     image = part in ("full", "vae_decoder")
-    rows = []
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in sessions}
+    floors = []
     for inputs in batches:
         wrapped, _, _, _ = part_module(model, part)
         with torch.no_grad():
             ref = wrapped(*inputs).numpy()
-        out = sess.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
-        row = compare(out, ref, image)
-        row["float_noise_floor"] = compare(perturbed_reference(model, part, inputs), ref, image)
-        rows.append(row)
-    summary = {"images": len(rows), "per_image": rows, "max_abs_error": max(r["max_abs_error"] for r in rows)}
+        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+        for name, sess in sessions.items():
+            rows[name].append(compare(sess.run(None, feeds)[0], ref, image))
+        floors.append(compare(perturbed_reference(model, part, inputs), ref, image))
+    for row, floor in zip(rows["default"], floors):
+        row["float_noise_floor"] = floor
+    summary = _image_summary(rows["default"], image)
     if image:
-        finite = [min(r["psnr_db"], 150.0) for r in rows]
-        floor = [min(r["float_noise_floor"]["psnr_db"], 150.0) for r in rows]
-        summary.update({"psnr_db_min": min(finite), "psnr_db_median": float(np.median(finite)), "float_noise_floor_psnr_db_median": float(np.median(floor))})
+        summary["float_noise_floor_psnr_db_median"] = float(np.median([min(f["psnr_db"], 150.0) for f in floors]))
+    summary["sessions"] = {name: {k: v for k, v in _image_summary(r, image).items() if k != "per_image"} for name, r in rows.items()}
+    summary["cpu"] = cpu_isa()
     return summary
 
 
-def layer_parity(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str = "full", opset: int = 21) -> dict[str, float]:
-    """Teacher-forced: every exported quantized layer run in ORT on the input PyTorch gave it; returns
-    layer → max |ORT − PyTorch| relative to the output's max magnitude."""
+def layer_models(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str = "full", opset: int = 21
+                 ) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
+    """Every exported quantized layer as its own ONNX model, with the input PyTorch gave it in a
+    forward of ``part`` on ``inputs`` and the output PyTorch computed: layer → (model bytes, x, y)."""
     import onnx
 
-    from export.hadamard_onnx import DOMAIN, function_protos
+    from export.onnx_backend import finalize
 
-    module, _ = export_module(model)
+    module, info = export_module(model)
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, name=n: captured.__setitem__(name, (i[0].detach(), o.detach())))
              for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)]
@@ -77,19 +105,26 @@ def layer_parity(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str =
         wrapped(*inputs)
     for h in hooks:
         h.remove()
-    errors: dict[str, float] = {}
+    out: dict[str, tuple[bytes, np.ndarray, np.ndarray]] = {}
     for name, (x, y) in captured.items():
-        layer = module.get_submodule(name)
         buf = io.BytesIO()
-        torch.onnx.export(layer, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"])
+        torch.onnx.export(module.get_submodule(name), (x,), buf, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"])
         proto = onnx.load_from_string(buf.getvalue())
-        used = {n.op_type for n in proto.graph.node if n.domain == DOMAIN}
-        if used:
-            proto.functions.extend(function_protos(used))
-            proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
-        import onnxruntime as ort
+        finalize(proto, {"": info[name]})  # the same INT4 / UINT16 / function steps as the whole-model export
+        out[name] = (proto.SerializeToString(), x.numpy(), y.numpy())
+    return out
 
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {"x": x.numpy()})[0]
-        errors[name] = float(np.abs(out - y.numpy()).max() / max(1e-12, float(y.abs().max())))
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    """max |out − ref| / max |ref| (0 when both are zero)."""
+    return float(np.abs(out - ref).max() / max(1e-12, float(np.abs(ref).max())))
+
+
+def layer_parity(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str = "full", opset: int = 21,
+                 sessions: tuple[str, ...] = ("default", "no_optimizations")) -> dict[str, float]:
+    """Teacher-forced: every exported quantized layer run in ORT on the input PyTorch gave it;
+    returns layer → the worst over ``sessions`` of max |ORT − PyTorch| / max |PyTorch|."""
+    errors: dict[str, float] = {}
+    for name, (proto, x, y) in layer_models(model, inputs, part, opset).items():
+        errors[name] = max(relative_error(ort_session(proto, optimize=SESSIONS[s]).run(None, {"x": x})[0], y) for s in sessions)
     return errors

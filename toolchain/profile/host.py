@@ -73,13 +73,10 @@ def _layer_of(node_name: str) -> str | None:
 def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, per_op: bool = True) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from export.onnx_backend import DISABLED_ORT_OPTIMIZERS
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # a default session: what users run
     init_ms = (time.perf_counter() - t0) * 1000
     type_map = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
     feeds = {i.name: x for i, x in zip(sess.get_inputs(), _random_inputs([(i.shape, type_map.get(i.type, np.float32)) for i in sess.get_inputs()]))}
@@ -91,8 +88,7 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
         so_p.intra_op_num_threads = threads
         so_p.enable_profiling = True
         so_p.profile_file_prefix = str(Path(path).with_suffix("")) + "_ort_profile"
-        so_p.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        ps = ort.InferenceSession(str(path), so_p, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+        ps = ort.InferenceSession(str(path), so_p, providers=["CPUExecutionProvider"])
         for _ in range(max(3, min(runs, 5))):
             ps.run(None, feeds)
         trace = Path(ps.end_profiling())
