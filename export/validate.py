@@ -63,7 +63,10 @@ def validate(onnx_path: str, model: nn.Module, part: str, batches: list[tuple[to
     export/parts.py; batches: input tuples of float32 tensors in the part's layout (images in
     [-1, 1]). Returns the default session's figures at the top level (``max_abs_error``, and for
     image outputs ``psnr_db_min`` / ``psnr_db_median`` in dB on the [0, 1] scale), the same under
-    ``sessions.no_optimizations``, the float-noise floor per image, and ``cpu`` (cpu_isa()).
+    ``sessions.no_optimizations``, the float-noise floor per image, ``cpu`` (cpu_isa()) and
+    ``ort_threads``. ORT's float conv sums depend on its thread count, so at ≤ 4-bit activations the
+    end-to-end figure can differ between thread counts by a cascade of rounding flips (the per-layer
+    check cannot); pass ``threads`` to make a figure reproducible.
     """
     sessions = {name: ort_session(onnx_path, threads, optimize=opt) for name, opt in SESSIONS.items()}
     names = [i.name for i in sessions["default"].get_inputs()]
@@ -85,6 +88,7 @@ def validate(onnx_path: str, model: nn.Module, part: str, batches: list[tuple[to
         summary["float_noise_floor_psnr_db_median"] = float(np.median([min(f["psnr_db"], 150.0) for f in floors]))
     summary["sessions"] = {name: {k: v for k, v in _image_summary(r, image).items() if k != "per_image"} for name, r in rows.items()}
     summary["cpu"] = cpu_isa()
+    summary["ort_threads"] = threads or sessions["default"].get_session_options().intra_op_num_threads or "ORT default (physical cores)"
     return summary
 
 
