@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from toolchain.io.weights import PICKLE_SUFFIXES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="create, inspect or convert float models",
@@ -20,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     info = msub.add_parser("info", help="print a model's config and parameter counts")
     info.add_argument("path", type=Path)
     info.add_argument("--preset", default=None)
-    conv = msub.add_parser("convert", help="convert a model to another on-disk format")
+    conv = msub.add_parser("convert", help="convert a model to another on-disk format, or a pickle checkpoint to safetensors",
+                           description="Convert a model between the file/dir/diffusers formats. Given a .ckpt/.pth/.pt/.bin pickle "
+                                       "and no --preset, convert its tensors (the state_dict of a Lightning checkpoint) to one "
+                                       ".safetensors file without running any code in the pickle.")
     conv.add_argument("src", type=Path)
     conv.add_argument("dst", type=Path)
     conv.add_argument("--preset", default=None)
@@ -43,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
         parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "vae", "embedder")}
         print(json.dumps({"name": model.config.name, "image_size": model.image_size, "timestep": model.config.timestep,
                           "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
+    elif args.src.suffix in PICKLE_SUFFIXES and args.preset is None:
+        from toolchain.io.convert import pickle_to_safetensors
+
+        summary = pickle_to_safetensors(args.src, args.dst)
+        print(f"{args.src} -> {args.dst} ({summary})")
     else:
         model = load_model(args.src, args.preset)
         save_model(model, args.dst, args.format, dtype=torch.float16 if args.fp16 else None)
