@@ -13,6 +13,7 @@ name), so loaders under test cannot import it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import types
@@ -84,3 +85,239 @@ def malicious_pickle(path: Path, marker: Path, legacy: bool = False) -> Path:
     """A torch pickle that is nothing but an ``os.system`` call creating ``marker``."""
     torch.save(RunsCommand(touch_command(marker)), path, _use_new_zipfile_serialization=not legacy)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# OSDFace release layout at a small width (upstream's constructor takes ch / z_channels /
+# embed_dim / n_embed; the key grammar — 173 VRE tensors — is the release's).
+# ---------------------------------------------------------------------------------------------
+
+VRE_MULT = (1, 2, 2, 2, 4, 8)
+
+
+def _conv_init(g, cout, cin, k):
+    return torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5, 0.05 * torch.randn(cout, generator=g)
+
+
+def release_vre_state(ch: int = 32, z: int = 64, n_e: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fresh dict of the (cached) tensors of ``_release_vre_state``."""
+    return dict(_release_vre_state(ch, z, n_e, seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _release_vre_state(ch: int, z: int, n_e: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors under every key of the released VRE grammar (prefix ``vqvae_LQ.``), written plainly.
+
+    The codebook is spread around the latents of ``sample_images()[0]`` (same norm offsets in random
+    directions), so that image snaps to more than 77 distinct codes, as a trained VRE's would.
+    """
+    g = torch.Generator().manual_seed(seed)
+    s: dict[str, torch.Tensor] = {}
+
+    def conv(name, cout, cin, k):
+        s[f"{name}.weight"], s[f"{name}.bias"] = _conv_init(g, cout, cin, k)
+
+    def norm(name, c):
+        s[f"{name}.weight"] = 1.0 + 0.1 * torch.randn(c, generator=g)
+        s[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+
+    def block(name, cin, cout):
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cout, cin, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cout, cin, 1)
+
+    def attn(name, c):
+        norm(f"{name}.norm1", c)
+        norm(f"{name}.norm2", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{part}", c, c, 1)
+
+    e = "vqvae_LQ.encoder"
+    conv(f"{e}.conv_in", ch, 3, 3)
+    cin = ch
+    for level, mult in enumerate(VRE_MULT):
+        for b in range(2):
+            block(f"{e}.down.{level}.block.{b}", cin, ch * mult)
+            cin = ch * mult
+            if level == 5:
+                attn(f"{e}.down.{level}.attn.{b}", cin)
+        if level < 5:
+            conv(f"{e}.down.{level}.downsample.conv", cin, cin, 3)
+    block(f"{e}.mid.block_1", cin, cin)
+    attn(f"{e}.mid.attn_1", cin)
+    block(f"{e}.mid.block_2", cin, cin)
+    norm(f"{e}.norm_out", cin)
+    conv(f"{e}.conv_out", z, cin, 3)
+    conv("vqvae_LQ.quant_conv", z, z, 1)
+    s["vqvae_LQ.quantize.embedding.weight"] = torch.zeros(n_e, z)
+    with torch.no_grad():
+        flat = upstream_vre_latent(s, sample_images()[:1])[0].flatten(1).t()  # (positions, z)
+    centre, spread = flat.mean(0), (flat - flat.mean(0)).norm(dim=1).mean()
+    dirs = torch.randn(n_e, z, generator=g)
+    s["vqvae_LQ.quantize.embedding.weight"] = centre + spread * dirs / dirs.norm(dim=1, keepdim=True)
+    return s
+
+
+def sample_images() -> torch.Tensor:
+    """Two different 32×32 images in [-1, 1]: uniform noise, and a flat grey with faint noise (few distinct codes)."""
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    image[1] = 0.3 + 0.02 * image[1].flip(-1)
+    return image
+
+
+# ----- the upstream VRE written plainly (lq_embed/vqvae.py, lq_embed/inference.py), on release keys -----
+
+def upstream_vre_latent(sd: dict[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
+    """quant_conv(encoder(x)) of the released VRE: 512² bilinear resize, double normalisation, F.conv2d on release keys."""
+    import torch.nn.functional as F
+
+    p = {k[len("vqvae_LQ."):]: v for k, v in sd.items() if k.startswith("vqvae_LQ.")}
+
+    def norm(h, k):
+        return F.group_norm(h, 32, p[f"{k}.weight"], p[f"{k}.bias"], eps=1e-6)
+
+    def conv(h, k, stride=1, padding=None):
+        w = p[f"{k}.weight"]
+        return F.conv2d(h, w, p[f"{k}.bias"], stride=stride, padding=w.shape[-1] // 2 if padding is None else padding)
+
+    def block(h, k):
+        r = conv(F.silu(norm(h, f"{k}.norm1")), f"{k}.conv1")
+        r = conv(F.silu(norm(r, f"{k}.norm2")), f"{k}.conv2")
+        x = conv(h, f"{k}.nin_shortcut") if f"{k}.nin_shortcut.weight" in p else h
+        return x + r
+
+    def attn(h, k):
+        hn = norm(h, f"{k}.norm1")
+        q, kk, v = conv(hn, f"{k}.q"), conv(hn, f"{k}.k"), conv(hn, f"{k}.v")
+        b, c, hh, ww = q.shape
+        w_ = torch.softmax(q.reshape(b, c, -1).transpose(1, 2) @ kk.reshape(b, c, -1) * c ** -0.5, dim=2)  # (b, hw, hw)
+        out = (v.reshape(b, c, -1) @ w_.transpose(1, 2)).reshape(b, c, hh, ww)
+        return h + conv(out, f"{k}.proj_out")
+
+    x = F.interpolate(image, size=(512, 512), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5  # upstream's second normalisation of a [-1, 1] input
+    h = conv(x, "encoder.conv_in")
+    for level in range(6):
+        for b in range(2):
+            h = block(h, f"encoder.down.{level}.block.{b}")
+            if f"encoder.down.{level}.attn.{b}.q.weight" in p:
+                h = attn(h, f"encoder.down.{level}.attn.{b}")
+        if level < 5:
+            h = conv(F.pad(h, (0, 1, 0, 1)), f"encoder.down.{level}.downsample.conv", stride=2, padding=0)
+    h = block(attn(block(h, "encoder.mid.block_1"), "encoder.mid.attn_1"), "encoder.mid.block_2")
+    h = conv(F.silu(norm(h, "encoder.norm_out")), "encoder.conv_out")
+    return conv(h, "quant_conv")
+
+
+def _nearest(z_i: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = z_i.flatten(1).t()
+    d = (flat ** 2).sum(1, keepdim=True) + (book ** 2).sum(1) - 2 * flat @ book.t()
+    return d.min(dim=1)
+
+
+def upstream_first_unique_codes(z: torch.Tensor, book: torch.Tensor, n_min: int = 77) -> torch.Tensor:
+    """Upstream's selection as a Python loop, one image at a time: positions sorted by distance to their
+    nearest code, first ``n_min`` distinct codes kept, zero rows if fewer. (B, D, h, w) → (B, n_min, D)."""
+    tokens = torch.zeros(z.shape[0], n_min, book.shape[1])
+    for i in range(z.shape[0]):
+        dmin, idx = _nearest(z[i], book)
+        seen: list[int] = []
+        for j in torch.sort(dmin, stable=True).indices.tolist():
+            if int(idx[j]) not in seen:
+                seen.append(int(idx[j]))
+            if len(seen) == n_min:
+                break
+        tokens[i, : len(seen)] = book[seen]
+    return tokens
+
+
+def unique_code_counts(z: torch.Tensor, book: torch.Tensor) -> list[int]:
+    """Distinct nearest codes per image of latents z (B, D, h, w)."""
+    return [int(_nearest(z[i], book)[1].unique().numel()) for i in range(z.shape[0])]
+
+
+def decoy_keys(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Keys the release file also carries and upstream's loader drops or ignores."""
+    g = torch.Generator().manual_seed(seed)
+    return {"vqvae_LQ.decoder.conv_in.weight": torch.randn(8, 4, 3, 3, generator=g),
+            "vqvae_LQ.decoder.mid.block_1.norm1.weight": torch.randn(8, generator=g),
+            "vqvae_LQ.post_quant_conv.weight": torch.randn(4, 4, 1, 1, generator=g),
+            "vqvae_LQ.post_quant_conv.bias": torch.randn(4, generator=g),
+            "vqvae_HQ.encoder.conv_in.weight": torch.randn(8, 3, 3, 3, generator=g),
+            "discriminator.main.0.weight": torch.randn(8, 3, 4, 4, generator=g)}
+
+
+def release_projection(e_dim: int = 64, cross: int = 32, seed: int = 2) -> dict[str, torch.Tensor]:
+    """``embedding_change_weights.pth``: TwoLayerConv1x1(e_dim, cross) — conv1 (e_dim/2, e_dim, 1), conv2 (cross, e_dim/2, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    h = e_dim // 2
+    return OrderedDict([("conv1.weight", torch.randn(h, e_dim, 1, generator=g) / e_dim**0.5),
+                        ("conv1.bias", 0.1 * torch.randn(h, generator=g)),
+                        ("conv2.weight", torch.randn(cross, h, 1, generator=g) / h**0.5),
+                        ("conv2.bias", 0.1 * torch.randn(cross, generator=g))])
+
+
+SMALL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                  cross_attention_dim=32, attention_head_dim=8, use_linear_projection=True, norm_num_groups=8,
+                  flip_sin_to_cos=True, freq_shift=0)
+SMALL_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                 block_out_channels=[16, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                 scaling_factor=0.18215)
+
+
+def sd_folder(path: Path, seed: int = 3) -> Path:
+    """A small SD-style diffusers folder (unet/, vae/, scheduler/) with the SD-2.1 field names and schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**SMALL_UNET).save_pretrained(path / "unet")
+        AutoencoderKL(**SMALL_VAE).save_pretrained(path / "vae")
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000).save_pretrained(path / "scheduler")
+    return path
+
+
+LORA_TARGETS = ("conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.proj_in",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0",
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj", "up_blocks.1.resnets.0.conv_shortcut",
+                "up_blocks.1.resnets.1.conv2")
+
+
+def release_lora(unet_state: dict[str, torch.Tensor], rank: int = 4, seed: int = 4, targets=LORA_TARGETS) -> dict[str, torch.Tensor]:
+    """``pytorch_lora_weights.safetensors``: ``unet.<module>.lora_A/B.weight`` with non-zero B (conv A k×k, B 1×1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in targets:
+        w = unet_state[f"{t}.weight"]
+        if w.ndim == 4:
+            a = torch.randn(rank, *w.shape[1:], generator=g) * 0.05
+            b = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.05
+        else:
+            a = torch.randn(rank, w.shape[1], generator=g) * 0.05
+            b = torch.randn(w.shape[0], rank, generator=g) * 0.05
+        out[f"unet.{t}.lora_A.weight"], out[f"unet.{t}.lora_B.weight"] = a, b
+    return out
+
+
+def osdface_release(root: Path) -> dict[str, Path]:
+    """Write a complete small release: sd/, associate_2.ckpt (Lightning pickle with decoys),
+    embedding_change_weights.pth, pytorch_lora_weights.safetensors. Returns the paths by flag."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    sd = sd_folder(root / "sd")
+    vre = lightning_ckpt(root / "associate_2.ckpt", {**release_vre_state(), **decoy_keys()})
+    proj = root / "embedding_change_weights.pth"
+    torch.save(release_projection(), proj)
+    unet_state = UNet2DConditionModel.from_pretrained(str(sd / "unet")).state_dict()
+    lora = root / "pytorch_lora_weights.safetensors"
+    save_file({k: v.contiguous() for k, v in release_lora(unet_state).items()}, str(lora))
+    return {"sd": sd, "vre": vre, "proj": proj, "lora": lora}

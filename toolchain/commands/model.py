@@ -31,6 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--preset", default=None)
     conv.add_argument("--format", choices=["file", "dir", "diffusers"], default="diffusers")
     conv.add_argument("--fp16", action="store_true", help="store weights as float16")
+    imp = msub.add_parser("import", help="import an upstream release (its files as published) into one of our model folders",
+                          description="Import a published checkpoint layout into a model directory (model_config.json + "
+                                      "model.safetensors + import_report.json with the source files' SHA-256). Pickles are "
+                                      "read without running any code in them.")
+    isub = imp.add_subparsers(dest="import_kind", required=True)
+    osd = isub.add_parser("osdface", help="OSDFace: SD-2.1-base folder + associate_2.ckpt + embedding_change_weights.pth + LoRA")
+    osd.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    osd.add_argument("--vre", type=Path, required=True, help="associate_2.ckpt (the VRE's Lightning checkpoint) or its safetensors")
+    osd.add_argument("--proj", type=Path, required=True, help="embedding_change_weights.pth (the VRE's 1x1 projection)")
+    osd.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors (UNet LoRA, merged at import)")
+    osd.add_argument("--lora-alpha", type=float, default=None,
+                     help="LoRA alpha when the file has no alpha keys (default: the file's rank, i.e. scale 1.0 as released)")
+    osd.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.set_defaults(func=run)
 
 
@@ -39,7 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
     from toolchain.models import build_model, load_model, preset, save_model
 
-    if args.model_cmd == "init":
+    if args.model_cmd == "import":
+        from toolchain.models.release.osdface import import_osdface, summary_lines
+
+        report = import_osdface(args.sd, args.vre, args.proj, args.lora, args.out, lora_alpha=args.lora_alpha)
+        for line in summary_lines(report):
+            print(line)
+        print(f"osdface release -> {args.out}")
+    elif args.model_cmd == "init":
         model = build_model(preset(args.preset), seed=args.seed)
         save_model(model, args.out, args.format)
         print(f"random {args.preset} model (seed {args.seed}) -> {args.out}")

@@ -44,6 +44,19 @@ class EmbedderConfig:
     # Upstream OSDFace normalises its already [-1, 1] input a second time ((x - 0.5) / 0.5);
     # its weights expect that, so the osdface preset reproduces it.
     double_normalize: bool = False
+    # Encoder levels whose resnet blocks are each followed by single-head self-attention. The
+    # released VRE (a taming-style "MultiHeadEncoder", attention at 16×16) has it at its last level.
+    attention_levels: tuple[int, ...] = ()
+    # Square size the embedder resizes its input to (bilinear, align_corners=False) before encoding;
+    # upstream always runs the VRE at 512×512 whatever the UNet/VAE size. None: no resize.
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.attention_levels = tuple(int(level) for level in self.attention_levels)
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.block_out_channels)]
+        if bad:
+            raise ConfigError(f"embedder attention_levels {bad} outside 0..{len(self.block_out_channels) - 1}")
 
 
 @dataclass
@@ -62,9 +75,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.embedder, dict):
-            emb = dict(self.embedder)
-            emb["block_out_channels"] = tuple(emb.get("block_out_channels", ()))
-            self.embedder = EmbedderConfig(**emb)
+            self.embedder = EmbedderConfig(**self.embedder)
         if not 0.0 < self.alpha_bar < 1.0:
             raise ConfigError(f"alpha_bar must be in (0, 1), got {self.alpha_bar}")
         factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
@@ -90,6 +101,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["embedder"]["block_out_channels"] = list(d["embedder"]["block_out_channels"])
+        d["embedder"]["attention_levels"] = list(d["embedder"]["attention_levels"])
         return d
 
     @classmethod
@@ -143,7 +155,7 @@ def _osdface() -> ModelConfig:
         image_size=512,
         unet=_sd21_unet(),
         vae=_sd_vae([128, 256, 512, 512]),
-        embedder=EmbedderConfig(double_normalize=True),
+        embedder=EmbedderConfig(double_normalize=True, attention_levels=(5,), input_size=512),
     )
 
 

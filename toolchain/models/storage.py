@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -65,9 +64,7 @@ def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", 
 
 def _part_config(cfg: ModelConfig, part: str) -> dict:
     if part == "embedder":
-        d = asdict(cfg.embedder)
-        d["block_out_channels"] = list(d["block_out_channels"])
-        return d
+        return cfg.to_dict()["embedder"]
     if part == "unet":
         return {"_class_name": "UNet2DConditionModel", **cfg.unet}
     return {"_class_name": "AutoencoderKL", **cfg.vae}
@@ -122,7 +119,7 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     vae_cfg = {k: v for k, v in _read_json(path / "vae" / "config.json").items() if not k.startswith("_")}
     extra = _read_json(path / "toolchain_model.json") if (path / "toolchain_model.json").is_file() else None
     if (path / "embedder" / "config.json").is_file():
-        emb = EmbedderConfig(**{**_read_json(path / "embedder" / "config.json"), "block_out_channels": tuple(_read_json(path / "embedder" / "config.json")["block_out_channels"])})
+        emb = EmbedderConfig(**_read_json(path / "embedder" / "config.json"))
     elif base is not None:
         emb = base.embedder
     else:
