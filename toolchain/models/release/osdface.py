@@ -29,7 +29,7 @@ from toolchain.io.atomic import atomic_directory, atomic_write_json
 from toolchain.io.convert import sha256_file
 from toolchain.io.weights import load_tensors, save_tensors
 from toolchain.models.configs import ModelConfig
-from toolchain.models.osdface import build_model
+from toolchain.models.osdface import OSDFaceModel
 from toolchain.models.release.lora import merge_lora, read_lora
 from toolchain.models.release.sd_folder import read_sd_folder
 from toolchain.models.release.vre import embedder_config, import_projection, import_vre
@@ -106,7 +106,8 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 
 def _check_against_architecture(config: ModelConfig, state: dict[str, torch.Tensor], sd: Path) -> None:
-    expected = build_model(config, seed=0).state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no init time at SD-2.1 size
+        expected = OSDFaceModel(config).state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:
