@@ -39,7 +39,7 @@ def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Ten
     s, ls = cfg.image_size, cfg.latent_size
     image = torch.zeros(1, 3, s, s).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     latent = torch.randn(1, model.unet.config.in_channels, ls, ls, generator=torch.Generator().manual_seed(1))
-    prompt = torch.randn(1, cfg.embedder.num_tokens, cfg.embedder.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    prompt = torch.randn(1, *cfg.prompt_shape, generator=torch.Generator().manual_seed(2))
     table = {
         "full": ((image,), ["lq_image"], ["restored_image"]),
         "vae_encoder": ((image,), ["lq_image"], ["latent"]),

@@ -234,7 +234,7 @@ def fold_time_path(module: nn.Module) -> int:
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, o[:1])) for n, m in targets.items()]
     cfg = module.config
     z = torch.zeros(1, unet.config.in_channels, cfg.latent_size, cfg.latent_size)
-    prompt = torch.zeros(1, cfg.embedder.num_tokens, cfg.embedder.cross_attention_dim)
+    prompt = torch.zeros(1, *cfg.prompt_shape)
     try:
         module.denoise(z, prompt)
     finally:

@@ -321,3 +321,61 @@ def osdface_release(root: Path) -> dict[str, Path]:
     lora = root / "pytorch_lora_weights.safetensors"
     save_file({k: v.contiguous() for k, v in release_lora(unet_state).items()}, str(lora))
     return {"sd": sd, "vre": vre, "proj": proj, "lora": lora}
+
+
+# ---------------------------------------------------------------------------------------------
+# OSEDiff release layout (osediff.pkl) for the small SD folder.
+# ---------------------------------------------------------------------------------------------
+
+OSEDIFF_UNET_TARGETS = {
+    "default_encoder": ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                        "down_blocks.0.attentions.0.proj_in"],
+    "default_decoder": ["up_blocks.1.resnets.0.conv_shortcut", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", "conv_out"],
+    "default_others": ["mid_block.attentions.0.transformer_blocks.0.attn2.to_v", "mid_block.resnets.0.conv2"],
+}
+OSEDIFF_VAE_TARGETS = ["encoder.conv_in", "encoder.down_blocks.0.resnets.0.conv1", "encoder.mid_block.attentions.0.to_q",
+                       "encoder.conv_out", "quant_conv"]
+
+
+def _peft_lora(state: dict[str, torch.Tensor], module: str, adapter: str, rank: int, g) -> dict[str, torch.Tensor]:
+    w = state[f"{module}.weight"]
+    if w.ndim == 4:
+        a, b = torch.randn(rank, *w.shape[1:], generator=g) * 0.05, torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.05
+    else:
+        a, b = torch.randn(rank, w.shape[1], generator=g) * 0.05, torch.randn(w.shape[0], rank, generator=g) * 0.05
+    return {f"{module}.lora_A.{adapter}.weight": a, f"{module}.lora_B.{adapter}.weight": b}
+
+
+def osediff_pkl_dict(unet_state: dict[str, torch.Tensor], vae_state: dict[str, torch.Tensor], rank: int = 4, seed: int = 6) -> dict:
+    """The dict OSEDiff's ``save_model`` writes, with peft names, non-zero B and a fine-tuned conv_in."""
+    g = torch.Generator().manual_seed(seed)
+    sd_unet: dict[str, torch.Tensor] = {}
+    for adapter, modules in OSEDIFF_UNET_TARGETS.items():
+        for m in modules:
+            sd_unet.update(_peft_lora(unet_state, m, adapter, rank, g))
+    sd_unet["conv_in.base_layer.weight"] = unet_state["conv_in.weight"] + 0.1 * torch.randn(unet_state["conv_in.weight"].shape, generator=g)
+    sd_unet["conv_in.base_layer.bias"] = unet_state["conv_in.bias"] + 0.1 * torch.randn(unet_state["conv_in.bias"].shape, generator=g)
+    sd_vae: dict[str, torch.Tensor] = {}
+    for m in OSEDIFF_VAE_TARGETS:
+        sd_vae.update(_peft_lora(vae_state, m, "default_encoder", rank, g))
+    return {"vae_lora_encoder_modules": list(OSEDIFF_VAE_TARGETS) + ["encoder.conv_in"],  # upstream's list repeats names
+            "unet_lora_encoder_modules": OSEDIFF_UNET_TARGETS["default_encoder"],
+            "unet_lora_decoder_modules": OSEDIFF_UNET_TARGETS["default_decoder"],
+            "unet_lora_others_modules": OSEDIFF_UNET_TARGETS["default_others"],
+            "rank_unet": rank, "rank_vae": rank, "state_dict_unet": sd_unet, "state_dict_vae": sd_vae}
+
+
+def osediff_release(root: Path) -> dict[str, Path]:
+    """Write sd/, osediff.pkl and prompt_embeds.safetensors (1, 77, 32). Returns paths by flag."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    sd = root / "sd" if (root / "sd").is_dir() else sd_folder(root / "sd")
+    unet_state = UNet2DConditionModel.from_pretrained(str(sd / "unet")).state_dict()
+    vae_state = AutoencoderKL.from_pretrained(str(sd / "vae")).state_dict()
+    weights = root / "osediff.pkl"
+    torch.save(osediff_pkl_dict(unet_state, vae_state), weights)
+    prompt = root / "prompt_embeds.safetensors"
+    save_file({"prompt_embeds": torch.randn(1, 77, SMALL_UNET["cross_attention_dim"], generator=torch.Generator().manual_seed(7))},
+              str(prompt))
+    return {"sd": sd, "weights": weights, "prompt_embedding": prompt}

@@ -10,6 +10,8 @@ toolchain but its errors, so any package may use it.
 Kinds:
   * ``osdface`` — diffusers ``UNet2DConditionModel`` as ``unet``, ``AutoencoderKL`` as ``vae`` and the
     visual prompt embedder as ``embedder`` (``toolchain.models``). Upstream: OSDFace ``infer.py``.
+  * ``osediff`` — the same ``unet`` and ``vae`` with a constant prompt buffer and no embedder.
+    Upstream: OSEDiff ``osediff.py``.
 """
 
 from __future__ import annotations
@@ -94,7 +96,22 @@ _OSDFACE = Topology(
     time_suffixes=("time_emb_proj",),
 )
 
-TOPOLOGIES: Mapping[str, Topology] = MappingProxyType({t.kind: t for t in (_OSDFACE,)})
+_OSEDIFF = Topology(
+    kind="osediff",
+    quant_include=_OSDFACE.quant_include,
+    quant_exclude=_OSDFACE.quant_exclude,
+    first_last=_OSDFACE.first_last,
+    forward_order=tuple((p, c) for p, c in _OSDFACE.forward_order if not p.startswith("embedder")),
+    stages=MappingProxyType({"unet": ("unet",), "vae_encoder": _OSDFACE.stages["vae_encoder"],
+                             "vae_decoder": _OSDFACE.stages["vae_decoder"]}),
+    producer_pairs=tuple(pc for pc in _OSDFACE.producer_pairs if not pc[0].startswith("embedder")),
+    export_parts=("full", "unet", "vae_encoder", "vae_decoder"),
+    time_root="unet",
+    time_modules=_OSDFACE.time_modules,
+    time_suffixes=_OSDFACE.time_suffixes,
+)
+
+TOPOLOGIES: Mapping[str, Topology] = MappingProxyType({t.kind: t for t in (_OSDFACE, _OSEDIFF)})
 DEFAULT_KIND = "osdface"
 # stage names any kind may use (method parameters are validated before a model is at hand)
 STAGE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s for t in TOPOLOGIES.values() for s in t.stages))

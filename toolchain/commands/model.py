@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     osd.add_argument("--lora-alpha", type=float, default=None,
                      help="LoRA alpha when the file has no alpha keys (default: the file's rank, i.e. scale 1.0 as released)")
     osd.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ose = isub.add_parser("osediff", help="OSEDiff: SD-2.1-base folder + osediff.pkl + a constant prompt embedding")
+    ose.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    ose.add_argument("--weights", type=Path, required=True, help="osediff.pkl (UNet/VAE-encoder LoRA + fine-tuned conv_in)")
+    ose.add_argument("--prompt-embedding", type=Path, required=True,
+                     help="one tensor (1, 77, cross_attention_dim) used as the constant prompt (.safetensors or .pt)")
+    ose.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.set_defaults(func=run)
 
 
@@ -52,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
     from toolchain.models import build_model, load_model, preset, save_model
 
-    if args.model_cmd == "import":
+    if args.model_cmd == "import" and args.import_kind == "osediff":
+        from toolchain.models.release.osediff import import_osediff
+        from toolchain.models.release.osediff import summary_lines as osediff_lines
+
+        for line in osediff_lines(import_osediff(args.sd, args.weights, args.prompt_embedding, args.out)):
+            print(line)
+        print(f"osediff release -> {args.out}")
+    elif args.model_cmd == "import":
         from toolchain.models.release.osdface import import_osdface, summary_lines
 
         report = import_osdface(args.sd, args.vre, args.proj, args.lora, args.out, lora_alpha=args.lora_alpha)
@@ -65,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"random {args.preset} model (seed {args.seed}) -> {args.out}")
     elif args.model_cmd == "info":
         model = load_model(args.path, args.preset)
-        parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "vae", "embedder")}
-        print(json.dumps({"name": model.config.name, "image_size": model.image_size, "timestep": model.config.timestep,
+        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+        print(json.dumps({"name": model.config.name, "kind": model.config.kind, "image_size": model.image_size, "timestep": model.config.timestep,
                           "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
     elif args.src.suffix in PICKLE_SUFFIXES and args.preset is None:
         from toolchain.io.convert import pickle_to_safetensors

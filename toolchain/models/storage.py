@@ -45,6 +45,8 @@ def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", 
             save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: cfg_json})
         return path
     if fmt == "diffusers":
+        if model.config.kind != "osdface":
+            raise CheckpointError(f"the diffusers-folder format holds osdface models only; save this {model.config.kind} model as file or dir")
         with atomic_directory(path) as tmp:
             for part in PARTS:
                 sub = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
