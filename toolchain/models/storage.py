@@ -129,7 +129,7 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     if extra is None and base is None:
         raise CheckpointError(f"{path} has no toolchain_model.json; pass --preset to give image size and timestep")
     one = extra or {k: v for k, v in base.to_dict().items() if k not in ("unet", "vae", "embedder")}
-    cfg = ModelConfig(name=one["name"], image_size=one["image_size"], unet=_known_unet_keys(unet_cfg), vae=_known_vae_keys(vae_cfg),
+    cfg = ModelConfig(name=one["name"], image_size=one["image_size"], unet=known_unet_keys(unet_cfg), vae=known_vae_keys(vae_cfg),
                       embedder=emb, timestep=one["timestep"], alpha_bar=one["alpha_bar"], latent_scaling=one["latent_scaling"])
     state: dict[str, torch.Tensor] = {}
     for part in PARTS:
@@ -141,7 +141,8 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     return _instantiate(cfg, state, str(path), dtype, strict=strict)
 
 
-def _known_unet_keys(cfg: dict) -> dict:
+def known_unet_keys(cfg: dict) -> dict:
+    """The entries of a diffusers UNet config.json that UNet2DConditionModel's constructor accepts."""
     import inspect
 
     from diffusers import UNet2DConditionModel
@@ -150,7 +151,8 @@ def _known_unet_keys(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k in allowed}
 
 
-def _known_vae_keys(cfg: dict) -> dict:
+def known_vae_keys(cfg: dict) -> dict:
+    """The entries of a diffusers VAE config.json that AutoencoderKL's constructor accepts."""
     import inspect
 
     from diffusers import AutoencoderKL

@@ -33,7 +33,7 @@ from toolchain.models.osdface import OSDFaceModel
 from toolchain.models.release.lora import merge_lora, read_lora
 from toolchain.models.release.sd_folder import read_sd_folder
 from toolchain.models.release.vre import embedder_config, import_projection, import_vre
-from toolchain.models.storage import CONFIG_KEY, _known_unet_keys, _known_vae_keys
+from toolchain.models.storage import CONFIG_KEY, known_unet_keys, known_vae_keys
 
 TIMESTEP = 399
 REPORT_NAME = "import_report.json"
@@ -66,7 +66,7 @@ def import_osdface(sd: str | os.PathLike, vre: str | os.PathLike, proj: str | os
     unet_state = dict(parts.unet_state)
     merge = merge_lora(unet_state, read_lora(_load(lora, "--lora"), "unet", str(lora)), str(lora), alpha=lora_alpha)
 
-    unet_cfg, vae_cfg = _known_unet_keys(parts.unet_config), _known_vae_keys(parts.vae_config)
+    unet_cfg, vae_cfg = known_unet_keys(parts.unet_config), known_vae_keys(parts.vae_config)
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     sample = unet_cfg.get("sample_size")
     if not isinstance(sample, int):

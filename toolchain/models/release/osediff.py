@@ -35,7 +35,7 @@ from toolchain.models.configs import ModelConfig
 from toolchain.models.osediff import OSEDiffModel
 from toolchain.models.release.lora import LoraPair, merge_lora
 from toolchain.models.release.sd_folder import read_sd_folder
-from toolchain.models.storage import CONFIG_KEY, _known_unet_keys, _known_vae_keys
+from toolchain.models.storage import CONFIG_KEY, known_unet_keys, known_vae_keys
 
 TIMESTEP = 999
 UPSCALE = 4
@@ -147,7 +147,7 @@ def import_osediff(sd: str | os.PathLike, weights: str | os.PathLike, prompt_emb
     unet_merge = merge_lora(unet_state, unet_pairs, str(weights))
     vae_merge = merge_lora(vae_state, vae_pairs, str(weights))
 
-    unet_cfg, vae_cfg = _known_unet_keys(parts.unet_config), _known_vae_keys(parts.vae_config)
+    unet_cfg, vae_cfg = known_unet_keys(parts.unet_config), known_vae_keys(parts.vae_config)
     prompt = _prompt(prompt_embedding, int(unet_cfg["cross_attention_dim"]))
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     hr = int(unet_cfg["sample_size"]) * vae_factor
