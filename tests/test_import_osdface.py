@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.release_files import (LORA_TARGETS, decoy_keys, lightning_ckpt, malicious_pickle, osdface_release,
+from release_files import (LORA_TARGETS, decoy_keys, lightning_ckpt, malicious_pickle, osdface_release,
                                  release_vre_state, sample_images, unique_code_counts, upstream_first_unique_codes, upstream_vre_latent)
 from toolchain.cli import main
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.release_files import OSEDIFF_UNET_TARGETS, OSEDIFF_VAE_TARGETS, osediff_pkl_dict, osediff_release
+from release_files import OSEDIFF_UNET_TARGETS, OSEDIFF_VAE_TARGETS, osediff_pkl_dict, osediff_release
 from toolchain.cli import main
 
 

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from tests.release_files import RunsCommand, lightning_ckpt, malicious_pickle, touch_command
+from release_files import RunsCommand, lightning_ckpt, malicious_pickle, touch_command
 from toolchain.errors import CheckpointError
 from toolchain.io.safe_pickle import load_restricted
 from toolchain.io.weights import load_tensors

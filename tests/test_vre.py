@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.release_files import upstream_first_unique_codes
+from release_files import upstream_first_unique_codes
 from toolchain.models.configs import EmbedderConfig
 from toolchain.models.embedder import VisualPromptEmbedder
 

@@ -31,6 +31,7 @@ ATTN_LEVEL = len(LEVEL_MULT) - 1
 NUM_TOKENS = 77
 VRE_INPUT_SIZE = 512
 NORM_GROUPS = 32
+_ATTN_LINEAR_WEIGHTS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def import_vre(state: dict[str, torch.Tensor], where: str) -> VreImport:
             unused.append(key)
             continue
         t = state[key]
-        if entry.ours.startswith(("encoder.down_blocks.", "encoder.mid_block.")) and ".attentions." in entry.ours and t.ndim == 4:
+        if entry.ours.endswith(_ATTN_LINEAR_WEIGHTS):  # 1×1 conv (C, C, 1, 1) → Linear (C, C)
             t = t.reshape(t.shape[0], t.shape[1])
         tensors[entry.ours] = t
     params = sum(state[k].numel() for k in grammar)
