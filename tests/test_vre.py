@@ -62,3 +62,21 @@ def test_release_architecture_embedder_exports_to_onnx_and_matches(tmp_path):
     with torch.no_grad():
         want = emb(image)
     assert torch.allclose(torch.from_numpy(got), want, atol=1e-5)
+
+
+def test_release_grammar_at_release_width_is_the_osdface_preset_embedder():
+    import math
+
+    import torch as _t
+
+    from toolchain.models.configs import preset
+    from toolchain.models.release.vre import VreWidths, release_grammar
+
+    grammar = release_grammar(VreWidths(ch=64, in_channels=3, z_channels=512, embed_dim=512, n_embed=1024))
+    assert len(grammar) == 173 and sum(math.prod(e.shape) for e in grammar.values()) == 29_172_416  # UPSTREAM.md
+    with _t.device("meta"):
+        ours = VisualPromptEmbedder(preset("osdface").embedder).state_dict()
+    mapped = {e.ours: e.shape for e in grammar.values() if e.ours is not None}
+    assert set(mapped) == set(ours) - {"proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias"}
+    for key, shape in mapped.items():
+        assert math.prod(ours[key].shape) == math.prod(shape), key  # attention 1×1 convs become Linear weights
