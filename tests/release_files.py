@@ -162,10 +162,12 @@ def _release_vre_state(ch: int, z: int, n_e: int, seed: int) -> dict[str, torch.
 
 
 def sample_images() -> torch.Tensor:
-    """Two different 32×32 images in [-1, 1]: uniform noise, and a flat grey with faint noise (few distinct codes)."""
+    """Two different 32×32 images in [-1, 1] on the 8-bit grid (so a PNG holds them exactly): uniform
+    noise, and a flat grey with faint noise (few distinct codes)."""
     g = torch.Generator().manual_seed(5)
     image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     image[1] = 0.3 + 0.02 * image[1].flip(-1)
+    image = torch.round((image + 1) / 2 * 255) / 255 * 2 - 1
     return image
 
 

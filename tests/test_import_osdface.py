@@ -61,7 +61,7 @@ def _osdface_reference(release, image: torch.Tensor, prompt: torch.Tensor) -> to
 
 # ----- tests -------------------------------------------------------------------------------------
 
-def test_import_equals_plain_upstream_forward_batch_of_two(release, imported):
+def test_import_equals_plain_upstream_forward_batch_of_two(release, imported, tmp_path):
     from toolchain.models import load_model
 
     model = load_model(imported)
@@ -82,6 +82,16 @@ def test_import_equals_plain_upstream_forward_batch_of_two(release, imported):
     assert torch.allclose(ours_prompt, ref_prompt, atol=1e-5, rtol=1e-4), (ours_prompt - ref_prompt).abs().max()
     ref = _osdface_reference(release, image, ref_prompt)
     assert torch.allclose(ours, ref, atol=2e-4), (ours - ref).abs().max()
+    # and through `toolchain restore` (a 32×32 PNG: no resize or padding; 8-bit output)
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "in" / "face.png"
+    src.parent.mkdir()
+    Image.fromarray(np.round((image[0].permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)).save(src)
+    assert main(["restore", str(src), "--model", str(imported), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    restored = torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / "face.png"), dtype=np.float32) / 255).permute(2, 0, 1)
+    assert (restored - (ref[0] + 1) / 2).abs().max() <= 1.0 / 255
     assert math.isclose(model.config.alpha_bar, 0.4260861277580261, rel_tol=1e-7)
 
 
