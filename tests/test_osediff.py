@@ -152,3 +152,19 @@ def test_restore_quantize_and_export_on_osediff(imported, tmp_path):
     assert rep_q["int4_weight_layers"] == 0
     v = validate(rep_q["path"], loaded, "full", [(x[:1],)])
     assert v["psnr_db_min"] >= 40.0, v
+
+
+def test_osediff_tiny_preset_builds_saves_and_loads(tmp_path):
+    from toolchain.models import build_model, load_model, preset, save_model
+    from toolchain.topology import topology_of
+
+    model = build_model(preset("osediff-tiny"), seed=0)
+    assert topology_of(model).kind == "osediff" and "embedder" not in topology_of(model).export_parts
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 3, 32, 32) and model.config.latent_size == 16
+    save_model(model, tmp_path / "m", "dir")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m")(x), y)
+    assert main(["model", "init", "--preset", "osediff-tiny", "--format", "diffusers", "--out", str(tmp_path / "d")]) == 2
