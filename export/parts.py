@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from toolchain.errors import ExportError
+from toolchain.topology import DEFAULT_KIND, topology, topology_of
 
-PARTS = ("full", "unet", "vae_encoder", "vae_decoder", "embedder")
+PARTS = topology(DEFAULT_KIND).export_parts
 
 
 class _Part(nn.Module):
@@ -31,13 +32,14 @@ class _Part(nn.Module):
 
 def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
     """(module, example inputs, input names, output names) for ``part``."""
-    if part not in PARTS:
-        raise ExportError(f"unknown part '{part}' (choose from {', '.join(PARTS)})")
+    parts = topology_of(model).export_parts
+    if part not in parts:
+        raise ExportError(f"unknown part '{part}' (choose from {', '.join(parts)})")
     cfg = model.config
     s, ls = cfg.image_size, cfg.latent_size
     image = torch.zeros(1, 3, s, s).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
     latent = torch.randn(1, model.unet.config.in_channels, ls, ls, generator=torch.Generator().manual_seed(1))
-    prompt = torch.randn(1, cfg.embedder.num_tokens, cfg.embedder.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    prompt = torch.randn(1, *cfg.prompt_shape, generator=torch.Generator().manual_seed(2))
     table = {
         "full": ((image,), ["lq_image"], ["restored_image"]),
         "vae_encoder": ((image,), ["lq_image"], ["latent"]),
@@ -51,8 +53,9 @@ def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Ten
 
 def part_inputs(model: nn.Module, part: str, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
     """The inputs ``part`` sees when the whole model restores ``images`` (LQ batches in [-1, 1])."""
-    if part not in PARTS:
-        raise ExportError(f"unknown part '{part}' (choose from {', '.join(PARTS)})")
+    parts = topology_of(model).export_parts
+    if part not in parts:
+        raise ExportError(f"unknown part '{part}' (choose from {', '.join(parts)})")
     if part in ("full", "vae_encoder", "embedder"):
         return [(b,) for b in images]
     with torch.no_grad():

@@ -25,6 +25,7 @@ from toolchain.balance.transform import OnlineBalance
 from toolchain.errors import ExportError
 from toolchain.quant.calibrate import quant_layers, set_submodule
 from toolchain.quant.layers import QuantConv2d
+from toolchain.topology import topology_of
 
 
 @dataclass
@@ -259,15 +260,16 @@ def fold_time_path(module: nn.Module) -> int:
     """Replace the UNet's time-embedding MLP and every resnet's time projection by their (constant)
     outputs: a one-step model always runs at the same timestep. Saves their weights on disk
     (~80 MB of float32 on SD-2.1) and their work at run time; returns the modules replaced."""
-    unet = getattr(module, "unet", None)
-    if unet is None or getattr(unet, "time_embedding", None) is None:
+    topo = topology_of(module)
+    unet = getattr(module, topo.time_root, None)
+    if unet is None or not any(topo.is_time_module(n) for n, _ in unet.named_modules()):
         return 0
     captured: dict[str, torch.Tensor] = {}
-    targets = {n: m for n, m in unet.named_modules() if n == "time_embedding" or n.endswith("time_emb_proj")}
+    targets = {n: m for n, m in unet.named_modules() if topo.is_time_module(n)}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, o[:1])) for n, m in targets.items()]
     cfg = module.config
     z = torch.zeros(1, unet.config.in_channels, cfg.latent_size, cfg.latent_size)
-    prompt = torch.zeros(1, cfg.embedder.num_tokens, cfg.embedder.cross_attention_dim)
+    prompt = torch.zeros(1, *cfg.prompt_shape)
     try:
         module.denoise(z, prompt)
     finally:

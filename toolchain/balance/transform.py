@@ -12,8 +12,9 @@ side is folded into the *producer* of x when x is a linear function of one layer
 
 * attention ``to_out.0`` ← ``to_v`` (the transform is block-diagonal per head, which commutes
   with the attention mix over tokens);
-* VAE ``quant_conv`` ← ``encoder.conv_out`` and ``decoder.conv_in`` ← ``post_quant_conv``
-  (and the embedder's ``quant_conv``).
+* the model kind's ``Topology.producer_pairs`` (``toolchain.topology``); for OSDFace: VAE
+  ``quant_conv`` ← ``encoder.conv_out``, ``decoder.conv_in`` ← ``post_quant_conv`` and the embedder's
+  ``quant_conv`` ← its ``encoder.conv_out``.
 
 Everywhere else x comes from a nonlinearity or a normalisation (GroupNorm→SiLU→conv,
 LayerNorm→q/k/v, GEGLU→FF-out, residual sums), so an ``OnlineBalance`` module applies the
@@ -35,6 +36,7 @@ from torch import nn
 from toolchain.balance.hadamard import factorize, hadamard_transform, is_available, transform_ops
 from toolchain.balance.stats import channel_axis, weight_input_absmax
 from toolchain.errors import ConfigError
+from toolchain.topology import topology_of
 from toolchain.quant.components import register_component
 
 MODES = ("none", "scale", "rotate", "rotate-scale", "auto")
@@ -162,11 +164,9 @@ def fold_producers(model: nn.Module) -> dict[str, tuple[str, int]]:
         if isinstance(m, Attention) and isinstance(getattr(m, "to_v", None), nn.Linear) and m.to_out is not None:
             inner = m.to_v.out_features
             pairs[f"{name}.to_out.0"] = (f"{name}.to_v", inner // m.heads)
-    for prefix in ("vae.", "embedder."):
-        if f"{prefix}quant_conv" in names and f"{prefix}encoder.conv_out" in names:
-            pairs[f"{prefix}quant_conv"] = (f"{prefix}encoder.conv_out", names[f"{prefix}quant_conv"].in_channels)
-    if "vae.decoder.conv_in" in names and "vae.post_quant_conv" in names:
-        pairs["vae.decoder.conv_in"] = ("vae.post_quant_conv", names["vae.decoder.conv_in"].in_channels)
+    for consumer, producer in topology_of(model).producer_pairs:
+        if consumer in names and producer in names:
+            pairs[consumer] = (producer, names[consumer].in_channels)
     return pairs
 
 

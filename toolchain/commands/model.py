@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from toolchain.io.weights import PICKLE_SUFFIXES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="create, inspect or convert float models",
@@ -20,12 +22,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     info = msub.add_parser("info", help="print a model's config and parameter counts")
     info.add_argument("path", type=Path)
     info.add_argument("--preset", default=None)
-    conv = msub.add_parser("convert", help="convert a model to another on-disk format")
+    conv = msub.add_parser("convert", help="convert a model to another on-disk format, or a pickle checkpoint to safetensors",
+                           description="Convert a model between the file/dir/diffusers formats. Given a .ckpt/.pth/.pt/.bin pickle "
+                                       "and no --preset, convert its tensors (the state_dict of a Lightning checkpoint) to one "
+                                       ".safetensors file without running any code in the pickle.")
     conv.add_argument("src", type=Path)
     conv.add_argument("dst", type=Path)
     conv.add_argument("--preset", default=None)
     conv.add_argument("--format", choices=["file", "dir", "diffusers"], default="diffusers")
     conv.add_argument("--fp16", action="store_true", help="store weights as float16")
+    imp = msub.add_parser("import", help="import an upstream release (its files as published) into one of our model folders",
+                          description="Import a published checkpoint layout into a model directory (model_config.json + "
+                                      "model.safetensors + import_report.json with the source files' SHA-256). Pickles are "
+                                      "read without running any code in them.")
+    isub = imp.add_subparsers(dest="import_kind", required=True)
+    osd = isub.add_parser("osdface", help="OSDFace: SD-2.1-base folder + associate_2.ckpt + embedding_change_weights.pth + LoRA")
+    osd.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    osd.add_argument("--vre", type=Path, required=True, help="associate_2.ckpt (the VRE's Lightning checkpoint) or its safetensors")
+    osd.add_argument("--proj", type=Path, required=True, help="embedding_change_weights.pth (the VRE's 1x1 projection)")
+    osd.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors (UNet LoRA, merged at import)")
+    osd.add_argument("--lora-alpha", type=float, default=None,
+                     help="LoRA alpha when the file has no alpha keys (default: the file's rank, i.e. scale 1.0 as released)")
+    osd.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ose = isub.add_parser("osediff", help="OSEDiff: SD-2.1-base folder + osediff.pkl + a constant prompt embedding")
+    ose.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    ose.add_argument("--weights", type=Path, required=True, help="osediff.pkl (UNet/VAE-encoder LoRA + fine-tuned conv_in)")
+    ose.add_argument("--prompt-embedding", type=Path, required=True,
+                     help="one tensor (1, 77, cross_attention_dim) used as the constant prompt (.safetensors or .pt)")
+    ose.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.set_defaults(func=run)
 
 
@@ -34,15 +58,34 @@ def run(args: argparse.Namespace) -> int:
 
     from toolchain.models import build_model, load_model, preset, save_model
 
-    if args.model_cmd == "init":
+    if args.model_cmd == "import" and args.import_kind == "osediff":
+        from toolchain.models.release.osediff import import_osediff
+        from toolchain.models.release.osediff import summary_lines as osediff_lines
+
+        for line in osediff_lines(import_osediff(args.sd, args.weights, args.prompt_embedding, args.out)):
+            print(line)
+        print(f"osediff release -> {args.out}")
+    elif args.model_cmd == "import":
+        from toolchain.models.release.osdface import import_osdface, summary_lines
+
+        report = import_osdface(args.sd, args.vre, args.proj, args.lora, args.out, lora_alpha=args.lora_alpha)
+        for line in summary_lines(report):
+            print(line)
+        print(f"osdface release -> {args.out}")
+    elif args.model_cmd == "init":
         model = build_model(preset(args.preset), seed=args.seed)
         save_model(model, args.out, args.format)
         print(f"random {args.preset} model (seed {args.seed}) -> {args.out}")
     elif args.model_cmd == "info":
         model = load_model(args.path, args.preset)
-        parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("unet", "vae", "embedder")}
-        print(json.dumps({"name": model.config.name, "image_size": model.image_size, "timestep": model.config.timestep,
+        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+        print(json.dumps({"name": model.config.name, "kind": model.config.kind, "image_size": model.image_size, "timestep": model.config.timestep,
                           "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
+    elif args.src.suffix in PICKLE_SUFFIXES and args.preset is None:
+        from toolchain.io.convert import pickle_to_safetensors
+
+        summary = pickle_to_safetensors(args.src, args.dst)
+        print(f"{args.src} -> {args.dst} ({summary})")
     else:
         model = load_model(args.src, args.preset)
         save_model(model, args.dst, args.format, dtype=torch.float16 if args.fp16 else None)

@@ -1,8 +1,11 @@
 """Loading tensors from disk without executing untrusted code.
 
-safetensors files are loaded directly. Pickle-based checkpoints (.pt/.pth/.ckpt/.bin) are
-opened only with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects;
-a refusal is reported as a CheckpointError naming the file, with the conversion advice.
+safetensors files are loaded directly. Pickle-based ``.pt/.pth/.bin`` checkpoints are opened only
+with ``torch.load(weights_only=True)``, which refuses arbitrary Python objects; a refusal is reported
+as a CheckpointError naming the file. ``.ckpt`` files (PyTorch-Lightning checkpoints, whose callback
+state names classes that ``weights_only`` refuses) go through ``toolchain.io.safe_pickle``: a
+restricted unpickler that rebuilds tensors and plain containers only, never calls anything the file
+names, and keeps only the ``state_dict``.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ from safetensors.torch import load_file, save
 
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_write_bytes
+from toolchain.io.safe_pickle import load_restricted
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a flat name → tensor mapping from a safetensors or (weights-only) pickle file."""
+    """Load a flat name → tensor mapping (CPU, stored dtypes) from a safetensors or pickle file.
+
+    ``.safetensors`` directly; ``.pt/.pth/.bin`` with ``torch.load(weights_only=True)``; ``.ckpt`` with the
+    restricted unpickler (``state_dict`` only). A ``{"state_dict": …}`` wrapper is unwrapped in every
+    pickle form. Raises CheckpointError naming ``path`` for missing, unreadable or unsafe files.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -34,6 +43,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    if path.suffix == ".ckpt":
+        return load_restricted(path).tensors
     if path.suffix in PICKLE_SUFFIXES:
         return _load_pickle_weights_only(path)
     raise CheckpointError(f"{path}: unsupported checkpoint type '{path.suffix}' (expected .safetensors, or .pt/.pth/.ckpt/.bin)")

@@ -10,12 +10,13 @@ from torch import nn
 
 from toolchain.quant.calibrate import quantizers_off
 from toolchain.quant.config import LayerRule, QuantConfig
+from toolchain.topology import DEFAULT_KIND, topology
 
-# PassionSR/EfficientDM keep the network's first and last layers at 8 bits. In this one-step model
+# PassionSR/EfficientDM keep the network's first and last layers at 8 bits. In a one-step model
 # the UNet's time-embedding MLP is constant (excluded from quantization altogether), so the rule
-# covers the UNet's output conv and the VAE's latent-side and image-side convs.
-FIRST_LAST_LAYERS = (r"^unet\.conv_out$", r"^vae\.quant_conv$", r"^vae\.post_quant_conv$", r"^vae\.encoder\.conv_out$",
-                     r"^vae\.decoder\.conv_out$")
+# covers the UNet's output conv and the VAE's latent-side and image-side convs: each model kind's
+# list is ``toolchain.topology.Topology.first_last``.
+FIRST_LAST_LAYERS = topology(DEFAULT_KIND).first_last
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

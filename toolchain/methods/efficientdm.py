@@ -18,6 +18,7 @@ import torch
 from toolchain.lowrank.compensate import attach_branches, fp_targets
 from toolchain.lowrank.branch import merge_branch
 from toolchain.methods.common import keep_first_last_8bit
+from toolchain.topology import topology_of
 from toolchain.methods.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
@@ -64,7 +65,7 @@ class EfficientDM(QuantMethod):
         from toolchain.lowrank.losses import distillation_loss
 
         p = self.params
-        pinned = keep_first_last_8bit(config) if p.first_last_8bit else []
+        pinned = keep_first_last_8bit(config, topology_of(model).first_last) if p.first_last_8bit else []
         names = prepare_model(model, config)
         calibrate_weights(model)
         n_cal = calibrate_activations(model, ctx.lq_batches, state_dir=ctx.state_dir("calib"))

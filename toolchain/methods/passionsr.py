@@ -33,7 +33,7 @@ from toolchain.methods.registry import MethodContext, QuantMethod, register_meth
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import BoundQuantizer
-from toolchain.quant.units import STAGES
+from toolchain.topology import STAGE_NAMES, topology_of
 from toolchain.train.fit import fit
 
 
@@ -137,15 +137,15 @@ class PassionSRParams:
 
     def __post_init__(self) -> None:
         self.stages = tuple(self.stages)
-        unknown = set(self.stages) - set(STAGES)
+        unknown = set(self.stages) - set(STAGE_NAMES)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(STAGE_NAMES)}")
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
 
 
 def _stage_layers(model: nn.Module, stage: str) -> list[str]:
-    prefixes = STAGES[stage]
+    prefixes = topology_of(model).stages[stage]
     return [n for n, _ in quant_layers(model) if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
 
@@ -157,7 +157,7 @@ class PassionSR(QuantMethod):
 
     def apply(self, model, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
         p = self.params
-        pinned = keep_first_last_8bit(config) if p.first_last_8bit else []
+        pinned = keep_first_last_8bit(config, topology_of(model).first_last) if p.first_last_8bit else []
         names = prepare_model(model, config)
         layers = dict(quant_layers(model))
         data = stage_data(model, ctx.lq_batches, ctx.device)

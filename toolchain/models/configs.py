@@ -3,11 +3,15 @@
 A ModelConfig fully determines the module tree, so it is stored beside every saved model and
 quantized checkpoint and the network can be rebuilt without any code outside this package.
 
+Kinds: ``osdface`` (UNet + VAE + visual prompt embedder, t = 399) and ``osediff`` (×4 bicubic
+upscale, UNet + VAE with a constant prompt embedding, t = 999; no embedder).
+
 Presets:
   * ``osdface`` – SD-2.1-base UNet + VAE and the upstream visual representation embedder (VRE),
     at the sizes of the released OSDFace model (for real checkpoints and GPU benchmarks).
   * ``ref``     – the project's small trained reference model (128×128 faces).
   * ``tiny``    – a random network that runs in well under a second on CPU (unit tests).
+  * ``osediff-tiny`` – a random OSEDiff-kind network of the same size (unit tests).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ def sd_alpha_bar(t: int, num_train_timesteps: int = 1000, beta_start: float = 0.
     return float(np.cumprod(1.0 - betas)[t])
 
 
+KINDS = ("osdface", "osediff")
+
+
 @dataclass
 class EmbedderConfig:
     """Visual prompt embedder: VQ encoder → nearest codes → first-T unique codes → projection."""
@@ -44,6 +51,19 @@ class EmbedderConfig:
     # Upstream OSDFace normalises its already [-1, 1] input a second time ((x - 0.5) / 0.5);
     # its weights expect that, so the osdface preset reproduces it.
     double_normalize: bool = False
+    # Encoder levels whose resnet blocks are each followed by single-head self-attention. The
+    # released VRE (a taming-style "MultiHeadEncoder", attention at 16×16) has it at its last level.
+    attention_levels: tuple[int, ...] = ()
+    # Square size the embedder resizes its input to (bilinear, align_corners=False) before encoding;
+    # upstream always runs the VRE at 512×512 whatever the UNet/VAE size. None: no resize.
+    input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        self.attention_levels = tuple(int(level) for level in self.attention_levels)
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.block_out_channels)]
+        if bad:
+            raise ConfigError(f"embedder attention_levels {bad} outside 0..{len(self.block_out_channels) - 1}")
 
 
 @dataclass
@@ -51,24 +71,28 @@ class ModelConfig:
     """Everything needed to rebuild an OSDFace-shaped model."""
 
     name: str
-    image_size: int
+    image_size: int  # the model's input size (for osediff the low-resolution input; output is upscale× larger)
     unet: dict[str, Any]
     vae: dict[str, Any]
-    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    embedder: EmbedderConfig | None = field(default_factory=EmbedderConfig)  # None for osediff
     timestep: int = 399
     alpha_bar: float = field(default_factory=lambda: sd_alpha_bar(399))
     latent_scaling: float = 0.18215
     version: int = 1
+    kind: str = "osdface"
+    upscale: int = 1  # input → VAE resolution factor (osediff: 4, bicubic)
 
     def __post_init__(self) -> None:
         if isinstance(self.embedder, dict):
-            emb = dict(self.embedder)
-            emb["block_out_channels"] = tuple(emb.get("block_out_channels", ()))
-            self.embedder = EmbedderConfig(**emb)
+            self.embedder = EmbedderConfig(**self.embedder)
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown model kind '{self.kind}' (choose from {', '.join(KINDS)})")
+        if (self.embedder is None) != (self.kind == "osediff"):
+            raise ConfigError(f"a {self.kind} model {'has no' if self.kind == 'osediff' else 'needs an'} embedder")
         if not 0.0 < self.alpha_bar < 1.0:
             raise ConfigError(f"alpha_bar must be in (0, 1), got {self.alpha_bar}")
         factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
-        if self.image_size % (factor * 2 ** (len(self.unet["block_out_channels"]) - 1)):
+        if (self.image_size * self.upscale) % (factor * 2 ** (len(self.unet["block_out_channels"]) - 1)):
             raise ConfigError(f"image_size {self.image_size} is not divisible by the model's total downsampling")
 
     @property
@@ -77,7 +101,14 @@ class ModelConfig:
 
     @property
     def latent_size(self) -> int:
-        return self.image_size // self.vae_factor
+        return self.image_size * self.upscale // self.vae_factor
+
+    @property
+    def prompt_shape(self) -> tuple[int, int]:
+        """(tokens, width) of the UNet's encoder_hidden_states for one image."""
+        if self.embedder is not None:
+            return self.embedder.num_tokens, self.embedder.cross_attention_dim
+        return 77, int(self.unet["cross_attention_dim"])
 
     @property
     def sqrt_alpha_bar(self) -> float:
@@ -89,7 +120,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["embedder"]["block_out_channels"] = list(d["embedder"]["block_out_channels"])
+        if d["embedder"] is not None:
+            d["embedder"]["block_out_channels"] = list(d["embedder"]["block_out_channels"])
+            d["embedder"]["attention_levels"] = list(d["embedder"]["attention_levels"])
         return d
 
     @classmethod
@@ -143,7 +176,7 @@ def _osdface() -> ModelConfig:
         image_size=512,
         unet=_sd21_unet(),
         vae=_sd_vae([128, 256, 512, 512]),
-        embedder=EmbedderConfig(double_normalize=True),
+        embedder=EmbedderConfig(double_normalize=True, attention_levels=(5,), input_size=512),
     )
 
 
@@ -213,7 +246,13 @@ def _tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny}
+def _osediff_tiny() -> ModelConfig:
+    t = _tiny()
+    return ModelConfig(name="osediff-tiny", image_size=8, unet=t.unet, vae=t.vae, embedder=None, timestep=999,
+                       alpha_bar=sd_alpha_bar(999), kind="osediff", upscale=4)
+
+
+PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny, "osediff-tiny": _osediff_tiny}
 
 
 def preset(name: str) -> ModelConfig:

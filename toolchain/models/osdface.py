@@ -61,10 +61,20 @@ class OSDFaceModel(nn.Module):
         return self.decode(x0).clamp(-1.0, 1.0)
 
 
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The network class of ``config.kind`` (OSDFaceModel or OSEDiffModel)."""
+    if config.kind == "osediff":
+        from toolchain.models.osediff import OSEDiffModel
+
+        return OSEDiffModel
+    return OSDFaceModel
+
+
 def build_model(config: ModelConfig, seed: int | None = 0) -> OSDFaceModel:
-    """Build a model with deterministic random init (weights are normally loaded afterwards)."""
+    """Build a model of ``config.kind`` with deterministic random init (weights are normally loaded afterwards)."""
+    cls = model_class(config)
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return OSDFaceModel(config).eval()
-    return OSDFaceModel(config).eval()
+            return cls(config).eval()
+    return cls(config).eval()

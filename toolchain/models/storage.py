@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,6 +45,8 @@ def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", 
             save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: cfg_json})
         return path
     if fmt == "diffusers":
+        if model.config.kind != "osdface":
+            raise CheckpointError(f"the diffusers-folder format holds osdface models only; save this {model.config.kind} model as file or dir")
         with atomic_directory(path) as tmp:
             for part in PARTS:
                 sub = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
@@ -65,9 +66,7 @@ def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", 
 
 def _part_config(cfg: ModelConfig, part: str) -> dict:
     if part == "embedder":
-        d = asdict(cfg.embedder)
-        d["block_out_channels"] = list(d["block_out_channels"])
-        return d
+        return cfg.to_dict()["embedder"]
     if part == "unet":
         return {"_class_name": "UNet2DConditionModel", **cfg.unet}
     return {"_class_name": "AutoencoderKL", **cfg.vae}
@@ -122,7 +121,7 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     vae_cfg = {k: v for k, v in _read_json(path / "vae" / "config.json").items() if not k.startswith("_")}
     extra = _read_json(path / "toolchain_model.json") if (path / "toolchain_model.json").is_file() else None
     if (path / "embedder" / "config.json").is_file():
-        emb = EmbedderConfig(**{**_read_json(path / "embedder" / "config.json"), "block_out_channels": tuple(_read_json(path / "embedder" / "config.json")["block_out_channels"])})
+        emb = EmbedderConfig(**_read_json(path / "embedder" / "config.json"))
     elif base is not None:
         emb = base.embedder
     else:
@@ -130,7 +129,7 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     if extra is None and base is None:
         raise CheckpointError(f"{path} has no toolchain_model.json; pass --preset to give image size and timestep")
     one = extra or {k: v for k, v in base.to_dict().items() if k not in ("unet", "vae", "embedder")}
-    cfg = ModelConfig(name=one["name"], image_size=one["image_size"], unet=_known_unet_keys(unet_cfg), vae=_known_vae_keys(vae_cfg),
+    cfg = ModelConfig(name=one["name"], image_size=one["image_size"], unet=known_unet_keys(unet_cfg), vae=known_vae_keys(vae_cfg),
                       embedder=emb, timestep=one["timestep"], alpha_bar=one["alpha_bar"], latent_scaling=one["latent_scaling"])
     state: dict[str, torch.Tensor] = {}
     for part in PARTS:
@@ -142,7 +141,8 @@ def _load_diffusers_folder(path: Path, preset_name: str | None, dtype: torch.dty
     return _instantiate(cfg, state, str(path), dtype, strict=strict)
 
 
-def _known_unet_keys(cfg: dict) -> dict:
+def known_unet_keys(cfg: dict) -> dict:
+    """The entries of a diffusers UNet config.json that UNet2DConditionModel's constructor accepts."""
     import inspect
 
     from diffusers import UNet2DConditionModel
@@ -151,7 +151,8 @@ def _known_unet_keys(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k in allowed}
 
 
-def _known_vae_keys(cfg: dict) -> dict:
+def known_vae_keys(cfg: dict) -> dict:
+    """The entries of a diffusers VAE config.json that AutoencoderKL's constructor accepts."""
     import inspect
 
     from diffusers import AutoencoderKL

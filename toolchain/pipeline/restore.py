@@ -58,7 +58,7 @@ def from_model_output(out: torch.Tensor, place: Placement, orig_hw: tuple[int, i
 
 def restore_arrays(model: Callable[[torch.Tensor], torch.Tensor], images: Sequence[LoadedImage], size: int,
                    batch_size: int = 4, device: torch.device | str = "cpu", progress: bool = True) -> list[np.ndarray]:
-    """Restore decoded images; returns RGB arrays at each image's original size."""
+    """Restore decoded images; returns RGB arrays at each image's original size (times the model's upscale factor)."""
     prepared = [to_model_input(im, size) for im in images]
     results: list[np.ndarray] = []
     bar = tqdm(total=len(images), desc="restoring", disable=not progress, unit="img")
@@ -67,8 +67,11 @@ def restore_arrays(model: Callable[[torch.Tensor], torch.Tensor], images: Sequen
             chunk = prepared[k : k + batch_size]
             x = torch.cat([c[0] for c in chunk]).to(device)
             y = model(x)
+            f = y.shape[-1] // x.shape[-1]  # super-resolution kinds (osediff) return f× the input size
             for j, (_, place) in enumerate(chunk):
-                results.append(from_model_output(y[j : j + 1], place, images[k + j].rgb.shape[:2]))
+                h, w = images[k + j].rgb.shape[:2]
+                scaled = Placement(place.top * f, place.left * f, place.height * f, place.width * f)
+                results.append(from_model_output(y[j : j + 1], scaled, (h * f, w * f)))
             bar.update(len(chunk))
     bar.close()
     return results
@@ -82,7 +85,16 @@ def restore_files(model: Callable[[torch.Tensor], torch.Tensor], inputs: Sequenc
     restored = restore_arrays(model, images, size, batch_size, device, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [save_image(out_dir / name, rgb, img.mode, img.alpha) for img, rgb, name in zip(images, restored, _unique_names(paths, suffix))]
+    return [save_image(out_dir / name, rgb, img.mode, _alpha_at(img.alpha, rgb.shape[:2]))
+            for img, rgb, name in zip(images, restored, _unique_names(paths, suffix))]
+
+
+def _alpha_at(alpha: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray | None:
+    """The alpha channel resized (bilinear) to an upscaled output's size; unchanged otherwise."""
+    if alpha is None or alpha.shape == hw:
+        return alpha
+    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(alpha))[None, None], size=hw, mode="bilinear", align_corners=False)
+    return t[0, 0].clamp(0, 1).numpy()
 
 
 def _unique_names(paths: Sequence[Path], suffix: str) -> list[str]:

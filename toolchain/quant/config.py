@@ -19,13 +19,12 @@ from torch import nn
 
 from toolchain.errors import ConfigError
 from toolchain.quant.quantizer import QuantSpec
+from toolchain.topology import DEFAULT_KIND, topology
 
 CONFIG_VERSION = 1
-DEFAULT_INCLUDE = [r"^unet\.", r"^vae\."]
-# The time-embedding MLP and the per-resnet time projections see only the fixed timestep of a
-# one-step model: their outputs are constants that every runtime folds away (ORT constant folding,
-# the TFLite converter), so quantizing them would describe ops that never execute.
-DEFAULT_EXCLUDE = [r"time_emb"]
+# Default scope of the default model kind (toolchain.topology says why: UNet + VAE, time path excluded).
+DEFAULT_INCLUDE = list(topology(DEFAULT_KIND).quant_include)
+DEFAULT_EXCLUDE = list(topology(DEFAULT_KIND).quant_exclude)
 
 
 def parse_bits(text: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@ Block-wise methods (Q-Diffusion's BRECQ/AdaRound, QArtSR's reversed per-module c
 stage-wise ones (PassionSR's distributed calibration) need the same map of the network: which
 quantized layers belong to which block, and the order in which data flows through the blocks.
 Module registration order is not forward order in diffusers (``up_blocks`` is registered before
-``mid_block``), so the order is spelled out here.
+``mid_block``); each model kind's order and stages come from ``toolchain.topology``.
 """
 
 from __future__ import annotations
@@ -17,38 +17,14 @@ import torch
 from torch import nn
 
 from toolchain.quant.calibrate import quant_layers
-
-# component prefix → its children in the order the forward pass visits them
-_FORWARD_ORDER: list[tuple[str, list[str]]] = [
-    ("embedder.encoder", ["conv_in", "down_blocks", "mid_block", "conv_out"]),
-    ("embedder.quant_conv", []),
-    ("embedder", []),  # projection layers after the codebook
-    ("vae.encoder", ["conv_in", "down_blocks", "mid_block", "conv_out"]),
-    ("vae.quant_conv", []),
-    ("unet", ["conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_out"]),
-    ("vae.post_quant_conv", []),
-    ("vae.decoder", ["conv_in", "mid_block", "up_blocks", "conv_out"]),
-]
-
-# PassionSR's distributed calibration stages: stage → component prefixes
-STAGES: dict[str, tuple[str, ...]] = {
-    "unet": ("unet", "embedder"),
-    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
-    "vae_decoder": ("vae.post_quant_conv", "vae.decoder"),
-}
+from toolchain.topology import topology_of
 
 
 @dataclass
 class Unit:
     name: str  # module path of the block (or of a single layer)
     layers: list[str] = field(default_factory=list)  # quantized layers inside it
-
-    @property
-    def stage(self) -> str:
-        for stage, prefixes in STAGES.items():
-            if any(self.name == p or self.name.startswith(p + ".") for p in prefixes):
-                return stage
-        return "other"
+    stage: str = "other"  # calibration stage owning the block (Topology.stage_of)
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -57,6 +33,7 @@ def _under(name: str, prefix: str) -> bool:
 
 def reconstruction_units(model: nn.Module) -> list[Unit]:
     """Blocks holding quantized layers, in forward order; every quantized layer is in exactly one."""
+    topo = topology_of(model)
     names = dict(model.named_modules())
     layers = [n for n, _ in quant_layers(model)]
     taken: set[str] = set()
@@ -66,9 +43,9 @@ def reconstruction_units(model: nn.Module) -> list[Unit]:
         members = [n for n in layers if _under(n, path) and n not in taken]
         if members:
             taken.update(members)
-            units.append(Unit(path, members))
+            units.append(Unit(path, members, topo.stage_of(path)))
 
-    for prefix, children in _FORWARD_ORDER:
+    for prefix, children in topo.forward_order:
         if prefix not in names:
             continue
         for child in children:

@@ -1,0 +1,1 @@
+"""Importers for upstream release layouts (files as their authors published them → our model folders)."""
