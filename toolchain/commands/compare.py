@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from toolchain.commands.common import resolve_model_path
-    from toolchain.compare import run_comparison
+    from toolchain.compare import run_comparison, validate_spec
     from toolchain.defaults import device_from_arg
     from toolchain.errors import ConfigError
 
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         spec = json.loads(args.spec.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read comparison spec {args.spec}: {exc}") from None
+    validate_spec(spec, f"comparison spec {args.spec}")
     run_comparison(spec, resolve_model_path(args.model), args.calib, args.eval, args.out, args.work or args.out / "work",
                    device_from_arg(args.device), name=args.name)
     print(f"table: {args.out / (args.name + '.md')}")
