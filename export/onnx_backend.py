@@ -90,6 +90,12 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
         report = _postprocess(proto, layer_info)
+        if dynamic:  # say which spatial sizes the graph accepts (its skip Concats fail on others)
+            from export.parts import spatial_multiple
+
+            report["spatial_multiple"] = spatial_multiple(model.config, part)
+            onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                                "quantface_spatial_multiple": str(report["spatial_multiple"])})
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > _TWO_GB - 64 * 2**20  # serialisation limit
         try:
             if not external:

@@ -29,6 +29,16 @@ class _Part(nn.Module):
         return m.denoise(inputs[0], inputs[1])  # unet: (z_L, prompt) → one-step x0 estimate
 
 
+def spatial_multiple(config, part: str) -> int:
+    """The multiple that the height and width of ``part``'s spatial input must be, for a dynamic-shape export.
+
+    The UNet concatenates skip connections with upsampled features, which only line up when the latent
+    divides by 2 per UNet downsampling stage; the image parts add the VAE's factor. ``config`` is a
+    ModelConfig; returns pixels (image inputs) or latent cells (``unet``, ``vae_decoder``)."""
+    unet = 2 ** (len(config.unet["block_out_channels"]) - 1)
+    return {"full": config.vae_factor * unet, "vae_encoder": config.vae_factor, "embedder": 1, "unet": unet, "vae_decoder": 1}[part]
+
+
 def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
     """(module, example inputs, input names, output names) for ``part``."""
     if part not in PARTS:

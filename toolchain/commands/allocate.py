@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from toolchain.commands.common import positive_int
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="quantized checkpoint whose calibrated ranges are used")
     p.add_argument("--calib", type=Path, required=True, help="calibration set")
     p.add_argument("--out", type=Path, required=True, help="allocation folder (caches, mp_table.json, plots)")
-    p.add_argument("--images", type=int, default=8, help="calibration images used (default 8)")
+    p.add_argument("--images", type=positive_int, default=8, help="calibration images used (default 8)")
     p.add_argument("--device", default="auto")
 
 
@@ -20,7 +22,7 @@ def _sens_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=0.02, help="tolerance vs full precision (default 0.02)")
     p.add_argument("--start-bits", type=int, default=2)
     p.add_argument("--max-bits", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (one GPU each when available)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (one GPU each when available)")
     p.add_argument("--weights-dir", type=Path, default=None, help="metric backbone weights (LPIPS AlexNet, Inception)")
 
 
