@@ -235,6 +235,13 @@ TABLE = [
     ("device-unknown", ["restore", f"{T}/photos", "--model", M, "--out", f"{T}/o", "--device", "tpu"], s_photos, 2, "tpu", [], ["o"]),
     ("unknown-option", ["restore", f"{T}/photos", "--model", M, "--out", f"{T}/o", "--bogus"], s_photos, 2,
      "unrecognized arguments", [], ["o"]),
+    ("allocate-budget-nan", ["allocate", "solve", "--out", f"{T}/alloc", "--budget-bits", "nan"], s_none, 2, "finite", [], ["alloc"]),
+    ("allocate-out-file", ["allocate", "solve", "--out", f"{T}/existing_file"], s_file, 2, "existing file", ["existing_file"], []),
+    ("compare-out-file", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", C, "--out", f"{T}/existing_file", *R],
+     lambda t, e: ((t / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w8a8"]}]'), s_file(t, e)), 2,
+     "existing file", ["existing_file"], []),
+    ("compare-spec-bad-bits", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", C, "--out", f"{T}/o", *R],
+     lambda t, e: (t / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w1a8x"]}]'), 2, "w4a4", [], ["o"]),
     # --- broken configs and checkpoints ---------------------------------------------------------------------
     ("ckpt-meta-null", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_null, 2, "JSON object", [], ["o"]),
     ("ckpt-meta-no-layers", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_no_layers, 2,

@@ -28,6 +28,19 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint directory (from `toolchain quantize`)")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and ±Inf are refused; budgets and tolerances must be numbers)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "replace an existing --out that this command did not write") -> None:
     """--overwrite: allow replacing foreign files at --out (inputs are never replaced)."""
     p.add_argument("--overwrite", action="store_true", help=f"{what} (inputs are never replaced)")
