@@ -196,7 +196,8 @@ def test_concurrent_processes_one_wins_one_line_for_the_other(tmp_path):
 def test_quantize_work_folder_is_kept_only_for_identical_inputs(tmp_path, capsys):
     import argparse
 
-    from toolchain.commands.quantize import build_config, prepare_workdir, run_inputs
+    from toolchain.commands.quantize import build_config, run_inputs
+    from toolchain.io.resume import prepare_workdir
 
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"weights")
@@ -222,6 +223,16 @@ def test_quantize_work_folder_is_kept_only_for_identical_inputs(tmp_path, capsys
     model.write_bytes(b"other weights")  # same options, other model file
     prepare_workdir(work, inputs("w6a6", 1e-4))
     assert not (work / "trainer_state.pt").exists() and "model_sha256 changed" in capsys.readouterr().err
+
+
+def test_lpips_fallback_warning_names_the_real_option_once(capsys):
+    import toolchain.lowrank.losses as L
+
+    L._fallback_warned = False
+    L.perceptual_loss(None)
+    L.perceptual_loss(None)
+    err = [l for l in capsys.readouterr().err.splitlines() if "LPIPS weights not given" in l]
+    assert len(err) == 1 and "--param lpips_weights=PATH" in err[0] and "--lpips-weights" not in err[0]
 
 
 # ---- Ctrl-C ------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, restore_set, score
 from toolchain.eval.grid import save_grid
 from toolchain.io.atomic import atomic_write_json, atomic_write_text
+from toolchain.io.resume import prepare_workdir
 from toolchain.io.weights import load_tensors, save_tensors
 from toolchain.methods.registry import MethodContext
 from toolchain.models.storage import load_model
@@ -81,7 +82,9 @@ def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: lis
         from toolchain.quant.config import quantizable_layers
 
         cfg.check_matches([n for n, _ in quantizable_layers(model)])
-    summary = quantize_(model, cfg, MethodContext(calib, workdir=work / f".{out.name}.work", device=device))
+    workdir = work / f".{out.name}.work"
+    prepare_workdir(workdir, {"spec_key": key, "calibration_batches": len(calib)})  # never resume another spec's state
+    summary = quantize_(model, cfg, MethodContext(calib, workdir=workdir, device=device))
     save_quantized(model.cpu(), cfg, out, summary)
     stamp.write_text(key)
     return summary

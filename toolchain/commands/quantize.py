@@ -112,28 +112,6 @@ def run_inputs(args: argparse.Namespace, cfg, model_path: Path) -> dict:
     }, default=str))
 
 
-def prepare_workdir(workdir: Path, inputs: dict) -> None:
-    """Keep an interrupted run's work folder only if it was made from the same inputs; else start over,
-    saying on stderr which inputs changed."""
-    import sys
-
-    from toolchain.io.atomic import atomic_write_json
-
-    record = workdir / "run_inputs.json"
-    if workdir.exists():
-        try:
-            old = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != inputs:
-            changed = "its inputs are not recorded" if old is None else \
-                ", ".join(k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)) + " changed"
-            print(f"note: not resuming the interrupted run in {workdir} ({changed}); starting over", file=sys.stderr)
-            shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, inputs)
-
-
 def run(args: argparse.Namespace) -> int:
     from toolchain.io.outputs import check_output_dir, output_lock
     from toolchain.quant.checkpoint import is_checkpoint
@@ -163,6 +141,8 @@ def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
     data = CalibrationSet.open(args.calib)
     batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
     workdir = args.out.parent / f".{args.out.name}.work"
+    from toolchain.io.resume import prepare_workdir
+
     prepare_workdir(workdir, run_inputs(args, cfg, model_path))
     ctx = MethodContext(lq_batches=batches, workdir=workdir, device=device, seed=args.seed)
     summary = quantize_(model, cfg, ctx)
