@@ -253,6 +253,22 @@ def test_swallowed_interrupt_still_exits_130(monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("interrupted")
 
 
+def test_interrupt_turned_into_another_error_still_exits_130(monkeypatch, capsys):
+    import toolchain.commands.methods as methods_cmd
+
+    def converting(args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise RuntimeError("converter aborted") from None
+        return 0
+
+    monkeypatch.setattr(methods_cmd, "run", converting)
+    assert main(["methods"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted")
+
+
 def test_ctrl_c_while_imports_load_is_one_line_and_130(tmp_path):
     code = ("import sys, toolchain.cli as c\nsys.stderr.write('ready\\n'); sys.stderr.flush()\n"
             f"sys.exit(c.main(['quantize', '--calib', {str(tmp_path)!r}, '--out', {str(tmp_path / 'o')!r}, '--device', 'cpu']))")

@@ -118,14 +118,26 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         except OSError as exc:
             if exc.errno not in USER_ERRNOS:
+                if watch.fired:
+                    return _interrupted(verbose)
                 raise
             where = f": {exc.filename}" if exc.filename else ""
             _report(f"{exc.strerror or exc}{where} (nothing was left half-written)", verbose)
             return EXIT_USER_ERROR
+        except Exception:
+            if watch.fired:  # a library turned our KeyboardInterrupt into its own error
+                return _interrupted(verbose)
+            raise
     if watch.fired:  # a Ctrl-C that some library caught and ignored
-        print(INTERRUPTED_LINE, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(verbose)
     return status
+
+
+def _interrupted(verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    print(INTERRUPTED_LINE, file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
