@@ -228,8 +228,6 @@ def test_quantize_work_folder_is_kept_only_for_identical_inputs(tmp_path, capsys
 def test_lpips_fallback_warning_names_the_real_option_once(capsys):
     import toolchain.lowrank.losses as L
 
-    L._fallback_warned = False
-    L.perceptual_loss(None)
     L.perceptual_loss(None)
     err = [l for l in capsys.readouterr().err.splitlines() if "LPIPS weights not given" in l]
     assert len(err) == 1 and "--param lpips_weights=PATH" in err[0] and "--lpips-weights" not in err[0]

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from toolchain.errors import MissingWeightsError
 
 log = logging.getLogger("toolchain.losses")
-_fallback_warned = False
 
 
 def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
@@ -36,12 +35,10 @@ def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.T
         for p in net.parameters():
             p.requires_grad_(False)
         return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "LPIPS-Alex"
-    global _fallback_warned
-    if not _fallback_warned:  # once per process, on stderr only (not also through logging: that printed it twice)
-        _fallback_warned = True
-        print(f"warning: LPIPS weights not given (pass --param lpips_weights=PATH to {M.LPIPS_ALEX_FILE}): using the "
-              "shift-tolerant LPIPS from the stlpips-pytorch wheel as the perceptual term instead "
-              "(a documented substitute, not the paper's LPIPS)", file=sys.stderr)
+    # one line on stderr (it also went through logging's last-resort handler before, so it printed twice)
+    print(f"WARNING: LPIPS weights not given (pass --param lpips_weights=PATH to {M.LPIPS_ALEX_FILE}): using the "
+          "shift-tolerant LPIPS from the stlpips-pytorch wheel as the perceptual term instead "
+          "(a documented substitute, not the paper's LPIPS)", file=sys.stderr)
     net = M.stlpips_net()
     return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "ST-LPIPS (substitute)"
 
