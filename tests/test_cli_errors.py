@@ -292,6 +292,10 @@ TABLE = [
      "Benchmarking failed.", [], ["p"]),
     ("profile-garbage-logcat", ["profile", "--logcat", f"{T}/garbage.txt", "--out", f"{T}/p"], s_logs, 2, "QuantFaceDemo", [], ["p"]),
     # --- profile inputs -------------------------------------------------------------------------------------
+    ("profile-out-file", ["profile", "--parse", f"{T}/gpu_failed.txt", "--out", f"{T}/existing_file"],
+     lambda t, e: (s_logs(t, e), s_file(t, e)), 2, "existing file", ["existing_file"], []),
+    ("profile-missing-log", ["profile", "--parse", f"{T}/nothing.txt", "--out", f"{T}/p"], s_none, 2, "not found", [], ["p"]),
+    ("profile-missing-model", ["profile", f"{T}/nothing.onnx", "--out", f"{T}/p"], s_none, 2, "not found", [], ["p"]),
     ("profile-corrupt-onnx", ["profile", f"{T}/bad.onnx", "--out", f"{T}/p"], s_corrupt_models, 2, "not an ONNX model", [], ["p"]),
     ("profile-corrupt-tflite", ["profile", f"{T}/bad.tflite", "--out", f"{T}/p"], s_corrupt_models, 2, "not a TFLite model", [], ["p"]),
     ("profile-dynamic-onnx-no-shape", ["profile", f"{T}/dyn.onnx", "--out", f"{T}/p"], s_dynamic_onnx, 2, "--shape lq_image=", [], ["p"]),

@@ -21,6 +21,7 @@ import sys
 import traceback
 
 from toolchain import __version__
+from toolchain.errors import ToolchainError
 
 VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "compare", "model", "methods", "train_reference"]
 
@@ -105,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv
     with _InterruptWatch() as watch:
         try:
-            from toolchain.errors import ToolchainError
-
             args = build_parser().parse_args(argv)
             verbose = verbose or bool(getattr(args, "verbose", False))
             status = int(args.func(args) or 0)

@@ -61,6 +61,11 @@ def check_benchmark(report: dict, source: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from toolchain.errors import OutputError
+
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"--out {args.out} is an existing file; profile writes a folder (profile.json, chart)")
+
     from toolchain.errors import ConfigError, InputError
     from toolchain.profile.report import designed_bits, write_report
 
