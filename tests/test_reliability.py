@@ -91,6 +91,20 @@ def test_restore_folder_processes_every_pillow_format_and_names_what_it_skips(ti
     assert all(Image.open(p).size == (18, 20) for p in (tmp_path / "out").iterdir())
 
 
+def test_calibrate_hq_uses_every_still_image_and_lists_the_rest(tmp_path, capsys):
+    hq = tmp_path / "hq"
+    hq.mkdir()
+    face = Image.fromarray(np.random.default_rng(4).integers(0, 256, (24, 24, 3), dtype=np.uint8), "RGB")
+    face.convert("P").save(hq / "a.gif")
+    face.save(hq / "b.ppm")
+    (hq / "notes.txt").write_text("x")
+    assert main(["calibrate", "--hq", str(hq), "-n", "2", "--size", "16", "--out", str(tmp_path / "set")]) == 0
+    out = capsys.readouterr().out
+    assert "from 2 source image(s)" in out and "skipped 1: notes.txt (not an image)" in out
+    items = json.loads((tmp_path / "set" / "manifest.json").read_text())["items"]
+    assert [it["source"] for it in items] == ["a.gif", "b.ppm"]
+
+
 # ---- calibrate: resume, restart, lock, --out ---------------------------------------------------------------
 
 def _count_degrade(monkeypatch, stop_at: int | None = None) -> list[int]:
