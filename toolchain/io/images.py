@@ -81,7 +81,10 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise InputError(f"{path} is not an image file Pillow can read") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
-    return from_pil(im, path, bits)
+    try:
+        return from_pil(im, path, bits)
+    except ValueError as exc:  # a pixel format Pillow cannot convert to RGB
+        raise InputError(f"cannot convert {path} (mode {im.mode}) to RGB: {exc}") from None
 
 
 def _integer_bits(im: Image.Image) -> int | None:
@@ -120,10 +123,10 @@ def from_pil(im: Image.Image, path: Path | None = None, bits: int | None = None)
             arr = arr / 65535.0
         grey = np.clip(arr, 0.0, 1.0).astype(np.float32)
         return LoadedImage(np.repeat(grey[..., None], 3, axis=2), None, "L", path)
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info) or (mode in ("L", "RGB") and "transparency" in im.info):
+    if mode in ("RGBA", "LA", "PA", "RGBa") or (mode == "P" and "transparency" in im.info) or (mode in ("L", "RGB") and "transparency" in im.info):
         rgba = im.convert("RGBA")
         alpha = np.asarray(rgba, dtype=np.float32)[..., 3] / 255.0
-        out_mode = "LA" if mode in ("LA", "La", "L") else "RGBA"
+        out_mode = "LA" if mode in ("LA", "L") else "RGBA"
         rgb = np.asarray(rgba.convert("RGB"), dtype=np.float32) / 255.0
         return LoadedImage(rgb, alpha, out_mode, path)
     if mode not in EIGHT_BIT_MODES:
