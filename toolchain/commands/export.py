@@ -31,10 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overwrite_arg(p)
     p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
     p.add_argument("--dynamic", action="store_true",
-                   help="ONNX: dynamic batch and spatial size. Height and width must be multiples of the model's total "
-                        "downsampling (full/vae_encoder: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, 64 for osdface; "
-                        "unet: the UNet factor on the latent); the multiple is written to the report (spatial_multiple) and to "
-                        "the ONNX metadata (quantface_spatial_multiple), and `toolchain profile --shape` checks it")
+                   help="ONNX: dynamic batch and spatial size. The UNet's skip concatenations need height and width to be "
+                        "multiples of the model's total downsampling (full: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, "
+                        "64 for osdface; unet: the UNet factor on the latent); the full and unet graphs replicate-pad any other "
+                        "size up to that multiple and crop the result back. The multiple is written to the report "
+                        "(spatial_multiple, pads_to_multiple) and the ONNX metadata (quantface_spatial_multiple, "
+                        "quantface_pads_to_multiple); for the other parts `toolchain profile --shape` refuses non-multiples")
     p.add_argument("--validate", action="store_true", help="run the exported graph on calibration images and compare with PyTorch")
     p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
     p.add_argument("--images", type=positive_int, default=4, help="images used by --validate")

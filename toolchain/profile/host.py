@@ -129,7 +129,7 @@ def _layer_of(node_name: str) -> str | None:
     parts = [p for p in node_name.split("/") if p]
     if len(parts) < 2:
         return None
-    if parts[0] == "model":
+    while parts and parts[0] in ("inner", "model"):  # "inner": the pad-to-multiple wrapper of dynamic exports
         parts = parts[1:]
     return ".".join(parts[:-1]) or None
 
@@ -155,7 +155,8 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
         raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(exc).strip().splitlines()[0][:200]})") from None
     init_ms = (time.perf_counter() - t0) * 1000
     type_map = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    multiple = sess.get_modelmeta().custom_metadata_map.get(SPATIAL_MULTIPLE_KEY)
+    meta = sess.get_modelmeta().custom_metadata_map
+    multiple = meta.get(SPATIAL_MULTIPLE_KEY) if meta.get("quantface_pads_to_multiple") != "true" else None  # padded graphs take any size
     resolved = concrete_shapes([(i.name, list(i.shape)) for i in sess.get_inputs()], shapes or {}, int(multiple) if multiple else None, str(path))
     feeds = {i.name: x for i, x in zip(sess.get_inputs(), _random_inputs([(shape, type_map.get(i.type, np.float32))
                                                                           for i, shape in zip(sess.get_inputs(), resolved)]))}
