@@ -419,3 +419,20 @@ def test_partial_gpu_delegation_is_flagged(tmp_path, capsys):
     assert "fell back to the CPU" in cap.err
     report = json.loads((tmp_path / "p" / "profile.json").read_text())
     assert report["delegation"][0] == {"delegated_nodes": 16, "total_nodes": 182, "delegate": "GPU", "partitions": None}
+
+
+def test_pin_matching_no_layer_is_refused(tmp_path):
+    from toolchain.alloc.allocate import SolveSettings, build_table
+    from toolchain.errors import ConfigError
+
+    errors = {"bits": [3, 4], "layers": {"unet.conv_in": {"errors": {"3": 2.0, "4": 1.0}, "elements": 10, "macs": 100, "w_bits": 4, "order": 0}}}
+    with pytest.raises(ConfigError, match="no_such_layer"):
+        build_table({}, errors, SolveSettings(pins=[("no_such_layer$", 8)]), "ck", tmp_path)
+    assert not (tmp_path / "mp_table.json").exists()
+
+
+def test_skipped_metrics_are_announced_on_stderr(tiny_model_path, calib_dir, tmp_path, capsys):
+    assert main(["eval", "--data", str(calib_dir), "--model", str(tiny_model_path), "--out", str(tmp_path / "ev"), "--limit", "2",
+                 "--metrics", "psnr,lpips", "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: metric lpips skipped" in err and "alexnet-owt-7be5be79.pth" in err

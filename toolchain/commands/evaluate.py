@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(f"--out {args.out} is an existing file; eval writes a folder (report.json, grid.png)")
     with output_lock(args.out):
         report = evaluate_to_folder(args)
+    import sys
+
+    for name, why in report.get("skipped_metrics", {}).items():  # not only inside report.json
+        print(f"warning: metric {name} skipped: {why}", file=sys.stderr)
     for label, res in report["results"].items():
         hq = res.get("vs_hq", {})
         fp = res.get("vs_fp", {})
