@@ -89,6 +89,11 @@ def test_restore_folder_processes_every_pillow_format_and_names_what_it_skips(ti
     assert "restored 6, skipped 2: anim.gif (animated), x.txt (not an image)" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]
     assert all(Image.open(p).size == (18, 20) for p in (tmp_path / "out").iterdir())
+    # the same command again replaces its own outputs (marked in the PNG Software field), not a user's file
+    assert main(["restore", str(src), "--model", str(tiny_model_path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    Image.new("RGB", (4, 4)).save(tmp_path / "out" / "a.png")  # now a.png is the user's
+    assert main(["restore", str(src), "--model", str(tiny_model_path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert Image.open(tmp_path / "out" / "a.png").size == (4, 4) and "already holds a.png" in capsys.readouterr().err
 
 
 def test_calibrate_hq_uses_every_still_image_and_lists_the_rest(tmp_path, capsys):

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "content: files that are not still images are skipped and listed by name at the end.")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True,
-                   help="output folder (PNG files named after the inputs); never an input folder, and existing files are not replaced without --overwrite")
+                   help="output folder (PNG files named after the inputs); never an input folder; existing files of the same name "
+                        "are replaced only if an earlier restore wrote them (else --overwrite)")
     add_overwrite_arg(p, "replace existing files of the same name in --out")
     add_model_args(p)
     add_runtime_args(p)
@@ -27,10 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from toolchain.defaults import device_from_arg
     from toolchain.io.images import scan_images
     from toolchain.io.outputs import check_output_files_into, output_lock
-    from toolchain.pipeline.restore import output_names, restore_files
+    from toolchain.io.images import written_by
+    from toolchain.pipeline.restore import RESTORE_SOFTWARE, output_names, restore_files
 
     scan = scan_images(args.inputs)
-    check_output_files_into(args.out, output_names(scan.paths), inputs=args.inputs, overwrite=args.overwrite)
+    check_output_files_into(args.out, output_names(scan.paths), inputs=args.inputs, overwrite=args.overwrite,
+                            is_artifact=lambda p: written_by(p) == RESTORE_SOFTWARE)
     device = device_from_arg(args.device)
     with output_lock(args.out):
         model = load_any_model(args, device)

@@ -150,9 +150,15 @@ def to_pil(rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None) 
     return im
 
 
-def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None, quality: int = 95) -> Path:
-    """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
+def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None, quality: int = 95,
+               software: str | None = None) -> Path:
+    """Write an image atomically; the format follows the suffix (JPEG drops alpha).
+
+    ``software`` (PNG only) is stored as the PNG ``Software`` text field, so a later run can tell its own
+    outputs from the user's files (``written_by``)."""
     import io
+
+    from PIL import PngImagePlugin
 
     path = Path(path)
     im = to_pil(rgb, mode, alpha)
@@ -162,8 +168,23 @@ def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alph
     if fmt == "JPEG" and im.mode in ("RGBA", "LA"):
         im = im.convert("RGB" if im.mode == "RGBA" else "L")
     buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    extra: dict = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if software and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", software)
+        extra["pnginfo"] = info
+    im.save(buf, format=fmt, **extra)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def written_by(path: str | os.PathLike) -> str | None:
+    """The PNG ``Software`` text of ``path`` (None if absent or unreadable)."""
+    try:
+        with Image.open(path) as im:
+            value = im.info.get("Software")
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 @dataclass

@@ -91,9 +91,10 @@ def check_output_file(out: str | os.PathLike, kind: str, is_artifact: Callable[[
 
 
 def check_output_files_into(folder: str | os.PathLike, names: Sequence[str], inputs: Sequence[str | os.PathLike] = (),
-                            overwrite: bool = False) -> Path:
+                            overwrite: bool = False, is_artifact: Callable[[Path], bool] | None = None) -> Path:
     """Validate a folder that receives individual files (``restore``): not an input folder, not a file,
-    and no existing file of the same name is replaced without ``overwrite``."""
+    and no existing file of the same name is replaced unless ``is_artifact`` says this stage wrote it
+    or ``overwrite`` is set. Raises OutputError."""
     folder = Path(folder)
     o = _resolved(folder)
     for item in inputs:
@@ -103,7 +104,7 @@ def check_output_files_into(folder: str | os.PathLike, names: Sequence[str], inp
                               "write them somewhere else (nothing was changed)")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"--out {folder} is an existing file, not a folder")
-    clashes = [n for n in names if (folder / n).exists()]
+    clashes = [n for n in names if (folder / n).exists() and not (is_artifact is not None and is_artifact(folder / n))]
     if clashes and not overwrite:
         more = f" and {len(clashes) - 1} more" if len(clashes) > 1 else ""
         raise OutputError(f"--out {folder} already holds {clashes[0]}{more}; {OVERWRITE_HINT}")

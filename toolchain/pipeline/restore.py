@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 from toolchain.io.images import LoadedImage, list_images, load_image, save_image
 
 
+RESTORE_SOFTWARE = "quantface-toolchain restore"  # PNG Software field of every restored image (tells our outputs from the user's)
+
+
 @dataclass
 class Placement:
     """Where the resized image sits inside the padded model input."""
@@ -85,7 +88,8 @@ def restore_files(model: Callable[[torch.Tensor], torch.Tensor], inputs: Sequenc
     restored = restore_arrays(model, images, size, batch_size, device, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [save_image(out_dir / name, rgb, img.mode, img.alpha) for img, rgb, name in zip(images, restored, output_names(paths, suffix))]
+    return [save_image(out_dir / name, rgb, img.mode, img.alpha, software=RESTORE_SOFTWARE)
+            for img, rgb, name in zip(images, restored, output_names(paths, suffix))]
 
 
 def output_names(paths: Sequence[Path], suffix: str = ".png") -> list[str]:
