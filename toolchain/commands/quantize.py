@@ -126,23 +126,21 @@ def run(args: argparse.Namespace) -> int:
 def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
     from calibration.dataset import CalibrationSet
     from toolchain.defaults import device_from_arg
+    from toolchain.io.resume import prepare_workdir
     from toolchain.methods.registry import MethodContext, get_method
     from toolchain.models.storage import load_model
     from toolchain.quant.api import quantize_
     from toolchain.quant.checkpoint import save_quantized
+    from toolchain.quant.config import quantizable_layers
 
     cfg = build_config(args)
     get_method(cfg.method, cfg.params)  # validate method and params before any heavy work
     device = device_from_arg(args.device)
     model = load_model(model_path, args.preset).to(device)
-    from toolchain.quant.config import quantizable_layers
-
     cfg.check_matches([n for n, _ in quantizable_layers(model)], cfg.rule_sources)
     data = CalibrationSet.open(args.calib)
     batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
     workdir = args.out.parent / f".{args.out.name}.work"
-    from toolchain.io.resume import prepare_workdir
-
     prepare_workdir(workdir, run_inputs(args, cfg, model_path))
     ctx = MethodContext(lq_batches=batches, workdir=workdir, device=device, seed=args.seed)
     summary = quantize_(model, cfg, ctx)
