@@ -286,12 +286,13 @@ def test_interrupt_turned_into_another_error_still_exits_130(monkeypatch, capsys
     assert len(err) == 1 and err[0].startswith("interrupted")
 
 
-def test_ctrl_c_while_imports_load_is_one_line_and_130(tmp_path):
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8])
+def test_ctrl_c_while_imports_load_is_one_line_and_130(tmp_path, delay):
     code = ("import sys, toolchain.cli as c\nsys.stderr.write('ready\\n'); sys.stderr.flush()\n"
             f"sys.exit(c.main(['quantize', '--calib', {str(tmp_path)!r}, '--out', {str(tmp_path / 'o')!r}, '--device', 'cpu']))")
     p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
     assert p.stderr.readline().strip() == "ready"
-    time.sleep(0.3)  # main is now importing torch & co.
+    time.sleep(delay)  # main is now importing torch & co. (at different stages)
     p.send_signal(signal.SIGINT)
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 130

@@ -113,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             print(INTERRUPTED_LINE, file=sys.stderr)
             return EXIT_INTERRUPTED
         except ToolchainError as exc:
+            if watch.fired:  # the interrupt was swallowed and the run went on to fail: it was still interrupted
+                return _interrupted(verbose)
             _report(str(exc), verbose)
             return EXIT_USER_ERROR
         except OSError as exc:
+            if watch.fired:
+                return _interrupted(verbose)
             if exc.errno not in USER_ERRNOS:
-                if watch.fired:
-                    return _interrupted(verbose)
                 raise
             where = f": {exc.filename}" if exc.filename else ""
             _report(f"{exc.strerror or exc}{where} (nothing was left half-written)", verbose)
