@@ -26,10 +26,20 @@ from tqdm.auto import tqdm
 
 from calibration.degrade import DegradationConfig, degrade
 from toolchain.errors import InputError
-from toolchain.io.atomic import atomic_write_json
+from toolchain.io.atomic import atomic_write_json, swap_into_place
+from toolchain.io.outputs import check_output_dir, output_lock
 from toolchain.io.images import list_images, load_image, save_image
 
 MANIFEST_VERSION = 1
+MAX_SIZE = 2048  # pixels per side; the largest preset works at 512
+
+
+def is_calibration_set(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder holding a calibration-set manifest (a previous artifact of this stage)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("kind") == "quantface-calibration-set"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -56,29 +66,56 @@ def build_calibration_set(
     seed: int = 0,
     config: DegradationConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Build ``n`` HQ/LQ pairs from HQ face images (cycled, with flips, if n > sources)."""
+    """Build ``n`` HQ/LQ pairs at ``size``×``size`` px from HQ face images (cycled, with flips, if n > sources).
+
+    ``out`` must be new, empty, a previous calibration set (replaced whole on success) or, with
+    ``overwrite``, anything that is not an input; it may never be or contain an input. Work goes to
+    ``<out>.partial/`` under a lock on ``out``; a rerun with the same settings and unchanged source
+    files resumes there, any difference restarts (a note on stderr says what changed).
+    Raises InputError / OutputError (one line each)."""
     config = config or DegradationConfig()
     out = Path(out)
-    sources = list_images(list(hq_inputs))
     if n < 1:
         raise InputError("the calibration set needs at least one image (-n >= 1)")
-    if size < 16:
-        raise InputError(f"--size {size} is too small (minimum 16)")
+    if not 16 <= size <= MAX_SIZE:
+        raise InputError(f"--size {size} is out of range (16 to {MAX_SIZE} pixels)")
+    hq_inputs = list(hq_inputs)
+    check_output_dir(out, "calibration set", is_calibration_set, inputs=hq_inputs, overwrite=overwrite)
+    sources = list_images(hq_inputs, what="--hq")
+    with output_lock(out):
+        return _build_locked(sources, out, n, size, seed, config, progress)
+
+
+def _resume_note(old: dict | None, new: dict) -> str | None:
+    if old is None:
+        return "its settings file is unreadable"
+    changed = [k for k in new if old.get(k) != new[k]]
+    return f"{', '.join(changed)} changed" if changed else None
+
+
+def _build_locked(sources: list[Path], out: Path, n: int, size: int, seed: int, config: DegradationConfig, progress: bool) -> Path:
+    import sys
+
     partial = out.parent / (out.name + ".partial")
-    settings = {"seed": seed, "size": size, "count": n, "degradation": config.to_dict(), "sources": [str(p) for p in sources]}
+    hashes = {str(p): _sha256(p) for p in sources}
+    # JSON round trip: the saved file holds lists where the in-memory settings hold tuples
+    settings = json.loads(json.dumps({"seed": seed, "size": size, "count": n, "degradation": config.to_dict(),
+                                      "sources": [str(p) for p in sources], "source_sha256": [hashes[str(p)] for p in sources]}))
     state_file = partial / "settings.json"
     if partial.exists():
         try:
-            same = json.loads(state_file.read_text()) == settings
+            old = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
-            same = False
-        if not same:
+            old = None
+        why = _resume_note(old, settings)
+        if why:
+            print(f"note: not resuming the interrupted build in {partial} ({why}); starting over", file=sys.stderr)
             shutil.rmtree(partial)
     (partial / "hq").mkdir(parents=True, exist_ok=True)
     (partial / "lq").mkdir(parents=True, exist_ok=True)
     atomic_write_json(state_file, settings)
-    hashes = {str(p): _sha256(p) for p in sources}
     items = []
     for i in tqdm(range(n), desc="building calibration set", disable=not progress):
         src = sources[i % len(sources)]
@@ -96,16 +133,13 @@ def build_calibration_set(
             save_image(lq_path, lq)
             atomic_write_json(params_path, params)
         items.append({"index": i, "file": name, "source": src.name, "source_sha256": hashes[str(src)], "flip": flip, "params": params})
+    manifest = {"version": MANIFEST_VERSION, "kind": "quantface-calibration-set", "seed": seed, "size": size, "count": n,
+                "degradation": config.to_dict(), "items": items}
     for p in (partial / "lq").glob("*.json"):
         p.unlink()
     state_file.unlink()
-    manifest = {"version": MANIFEST_VERSION, "kind": "quantface-calibration-set", "seed": seed, "size": size, "count": n,
-                "degradation": config.to_dict(), "items": items}
     atomic_write_json(partial / "manifest.json", manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out
+    return swap_into_place(partial, out)
 
 
 @dataclass

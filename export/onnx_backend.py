@@ -135,6 +135,11 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
     out = Path(out)
     module, layer_info = export_module(model)
     wrapped, inputs, in_names, out_names = part_module(module, part)
+    padded = False
+    if dynamic:  # any height/width: pad to the multiple the skip Concats need, crop back (export.parts)
+        from export.parts import pad_for_dynamic
+
+        wrapped, padded = pad_for_dynamic(wrapped, model.config, part)
     axes = {}
     if dynamic:
         for name, t in zip(in_names + out_names, list(inputs) + [None] * len(out_names)):
@@ -147,6 +152,14 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
         report = finalize(proto, layer_info)
+        if dynamic:  # say which spatial sizes the graph accepts (its skip Concats fail on others)
+            from export.parts import spatial_multiple
+
+            report["spatial_multiple"] = spatial_multiple(model.config, part)
+            report["pads_to_multiple"] = padded
+            onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                                "quantface_spatial_multiple": str(report["spatial_multiple"]),
+                                                "quantface_pads_to_multiple": str(padded).lower()})
         external = sum(len(i.raw_data) for i in proto.graph.initializer) > _TWO_GB - 64 * 2**20  # serialisation limit
         try:
             if not external:

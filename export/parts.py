@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from toolchain.errors import ExportError
@@ -28,6 +29,44 @@ class _Part(nn.Module):
         if self.part == "embedder":
             return m.prompt(inputs[0])
         return m.denoise(inputs[0], inputs[1])  # unet: (z_L, prompt) → one-step x0 estimate
+
+
+def spatial_multiple(config, part: str) -> int:
+    """The multiple that the height and width of ``part``'s spatial input must be, for a dynamic-shape export.
+
+    The UNet concatenates skip connections with upsampled features, which only line up when the latent
+    divides by 2 per UNet downsampling stage; the image parts add the VAE's factor. ``config`` is a
+    ModelConfig; returns pixels (image inputs) or latent cells (``unet``, ``vae_decoder``)."""
+    unet = 2 ** (len(config.unet["block_out_channels"]) - 1)
+    return {"full": config.vae_factor * unet, "vae_encoder": config.vae_factor, "embedder": 1, "unet": unet, "vae_decoder": 1}[part]
+
+
+PADDED_PARTS = ("full", "unet")  # image → image and latent → latent: the output can be cropped back exactly
+
+
+class PadToMultiple(nn.Module):
+    """Replicate-pad the first input's height and width (bottom/right) up to ``multiple``, run ``inner``,
+    crop its output back to the input's size. Inside a dynamic-shape graph this makes every size valid;
+    at a multiple the padding is empty and the output is unchanged."""
+
+    def __init__(self, inner: nn.Module, multiple: int):
+        super().__init__()
+        self.inner = inner
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        m = self.multiple
+        xp = F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m), mode="replicate")
+        return self.inner(xp, *rest)[..., :h, :w]
+
+
+def pad_for_dynamic(module: nn.Module, config, part: str) -> tuple[nn.Module, bool]:
+    """(module, padded): wrap ``part`` in PadToMultiple when its output can be cropped back (PADDED_PARTS)."""
+    m = spatial_multiple(config, part)
+    if part in PADDED_PARTS and m > 1:
+        return PadToMultiple(module, m).eval(), True
+    return module, False
 
 
 def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:

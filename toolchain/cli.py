@@ -2,46 +2,143 @@
 
     calibrate → quantize → (allocate) → export → profile,   plus restore / eval / model / methods
 
-Errors the user can fix are printed as one ``error:`` line with exit status 2; an interrupted
-run exits with 130 and can be resumed by running the same command again.
+Errors the user can fix (bad options, unusable inputs, an ``--out`` that would destroy foreign
+files, a read-only or full disk) are printed as one ``error:`` line with exit status 2
+(``--verbose`` adds the traceback); an interrupted run (Ctrl-C at any moment, imports included)
+prints one line and exits with 130, and can be resumed by running the same command again.
+
+Start-up is kept light: building the parser imports no torch/numpy, so ``--help`` is fast and
+the heavy imports happen inside ``main``'s error handling.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import signal
 import sys
+import traceback
 
 from toolchain import __version__
+from toolchain.errors import ToolchainError
 
 VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "compare", "model", "methods", "train_reference"]
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+INTERRUPTED_LINE = "interrupted: nothing was left half-written; run the same command again to resume"
+
+# OSErrors that describe the user's file system, not a bug: reported as one line.
+USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+               errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ELOOP}
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors become one ``error:`` line (via UsageError) instead of usage + exit."""
+
+    def error(self, message: str):  # noqa: D401  (argparse hook)
+        from toolchain.errors import UsageError
+
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="toolchain",
         description="QuantFace Toolchain: low-bit post-training quantization of one-step diffusion face restoration, "
                     "with ONNX and TFLite export and on-device profiling.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--verbose", action="store_true", help="print the full traceback with an error (also accepted after COMMAND)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for verb in VERBS:
         importlib.import_module(f"toolchain.commands.{verb}").register(sub)
+    for p in _all_subparsers(parser):
+        if not any("--verbose" in a.option_strings for a in p._actions):
+            p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="print the full traceback with an error")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from toolchain.errors import ToolchainError
+def _all_subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):
+                yield p
+                yield from _all_subparsers(p)
 
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ToolchainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was left half-written; run the same command again to resume", file=sys.stderr)
-        return 130
+
+class _InterruptWatch:
+    """SIGINT handler that remembers the interrupt, so one swallowed by a library (an ``except``
+    in a callback, a garbage-collection hook) still ends the run with 130."""
+
+    def __init__(self) -> None:
+        self.fired = False
+        self.previous = None
+
+    def __enter__(self) -> "_InterruptWatch":
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (embedded use): keep Python's default handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.fired = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _report(message: str, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 user error, 130 interrupted).
+
+    Genuine bugs still raise (a traceback, exit 1): only errors the user can act on are shortened."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    with _InterruptWatch() as watch:
+        try:
+            args = build_parser().parse_args(argv)
+            verbose = verbose or bool(getattr(args, "verbose", False))
+            status = int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(INTERRUPTED_LINE, file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except ToolchainError as exc:
+            if watch.fired:  # the interrupt was swallowed and the run went on to fail: it was still interrupted
+                return _interrupted(verbose)
+            _report(str(exc), verbose)
+            return EXIT_USER_ERROR
+        except OSError as exc:
+            if watch.fired:
+                return _interrupted(verbose)
+            if exc.errno not in USER_ERRNOS:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            _report(f"{exc.strerror or exc}{where} (nothing was left half-written)", verbose)
+            return EXIT_USER_ERROR
+        except Exception:
+            if watch.fired:  # a library turned our KeyboardInterrupt into its own error
+                return _interrupted(verbose)
+            raise
+    if watch.fired:  # a Ctrl-C that some library caught and ignored
+        return _interrupted(verbose)
+    return status
+
+
+def _interrupted(verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    print(INTERRUPTED_LINE, file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

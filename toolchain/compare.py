@@ -23,6 +23,7 @@ from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, restore_set, score
 from toolchain.eval.grid import save_grid
 from toolchain.io.atomic import atomic_write_json, atomic_write_text
+from toolchain.io.resume import prepare_workdir
 from toolchain.io.weights import load_tensors, save_tensors
 from toolchain.methods.registry import MethodContext
 from toolchain.models.storage import load_model
@@ -31,6 +32,36 @@ from toolchain.quant.checkpoint import load_quantized, save_quantized
 from toolchain.quant.config import QuantConfig
 
 METRICS = ["psnr", "ssim", "st_lpips", "fd_stlpips"]
+
+
+def validate_spec(spec: Any, where: str = "comparison spec") -> list[dict[str, Any]]:
+    """Check a comparison spec's shape before any compute: a JSON list of objects with ``label`` (str),
+    ``method`` (str), ``bits`` (list of 'wXaY'), optional ``params`` (object), ``mp`` (object) and
+    ``calib_batches`` (int >= 1). Returns the spec; raises ConfigError naming the first problem."""
+    from toolchain.errors import ConfigError
+    from toolchain.quant.config import parse_bits
+
+    if not isinstance(spec, list) or not spec:
+        kind = "null" if spec is None else type(spec).__name__
+        raise ConfigError(f"{where} must be a non-empty JSON list of runs like "
+                          f'[{{"label": "MinMax", "method": "minmax", "bits": ["w4a4"]}}], not a {kind}')
+    for i, run in enumerate(spec):
+        if not isinstance(run, dict):
+            raise ConfigError(f"{where}: entry {i} must be an object, not {type(run).__name__}")
+        for key, typ in (("label", str), ("method", str), ("bits", list)):
+            if not isinstance(run.get(key), typ):
+                raise ConfigError(f"{where}: entry {i} needs '{key}' as a {typ.__name__}")
+        for b in run["bits"]:
+            if not isinstance(b, str):
+                raise ConfigError(f"{where}: entry {i} bits must be strings like 'w4a4'")
+            parse_bits(b)
+        for key in ("params", "mp"):
+            if key in run and not isinstance(run[key], dict):
+                raise ConfigError(f"{where}: entry {i} '{key}' must be an object")
+        cb = run.get("calib_batches")
+        if cb is not None and (not isinstance(cb, int) or isinstance(cb, bool) or cb < 1):
+            raise ConfigError(f"{where}: entry {i} 'calib_batches' must be an integer >= 1")
+    return spec
 
 
 def _slug(text: str) -> str:
@@ -48,7 +79,12 @@ def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: lis
     cfg = QuantConfig.for_bits(method, bits, params=dict(params))
     if rules:
         cfg.rules += rules
-    summary = quantize_(model, cfg, MethodContext(calib, workdir=work / f".{out.name}.work", device=device))
+        from toolchain.quant.config import quantizable_layers
+
+        cfg.check_matches([n for n, _ in quantizable_layers(model)])
+    workdir = work / f".{out.name}.work"
+    prepare_workdir(workdir, {"spec_key": key, "calibration_batches": len(calib)})  # never resume another spec's state
+    summary = quantize_(model, cfg, MethodContext(calib, workdir=workdir, device=device))
     save_quantized(model.cpu(), cfg, out, summary)
     stamp.write_text(key)
     return summary

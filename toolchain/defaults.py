@@ -7,7 +7,9 @@ DEFAULT_MODEL = PACKAGE_DIR / "weights" / "ref.safetensors"
 
 
 def device_from_arg(name: str | None) -> "torch.device":  # noqa: F821
-    """'auto' picks CUDA when present; explicit names are validated."""
+    """'auto' picks CUDA when present; explicit names are validated against this machine.
+
+    Raises ConfigError (one line) for unknown names and for devices this machine lacks."""
     import torch
 
     from toolchain.errors import ConfigError
@@ -18,6 +20,14 @@ def device_from_arg(name: str | None) -> "torch.device":  # noqa: F821
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device '{name}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} requested but no CUDA GPU is available (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {name} requested but Apple's MPS backend is not available here (use --device cpu or auto)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {name} is not supported (cpu, cuda, cuda:N, mps or auto)")
     return dev

@@ -31,3 +31,11 @@ class ExportError(ToolchainError):
 
 class InfeasibleBudgetError(ToolchainError):
     """A bit-width budget that no allocation can meet."""
+
+
+class UsageError(ToolchainError):
+    """A command line that cannot be parsed or an option value out of its range."""
+
+
+class OutputError(ToolchainError):
+    """An ``--out`` path that cannot be written without destroying something the tool did not write."""

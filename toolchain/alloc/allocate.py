@@ -50,6 +50,10 @@ def build_table(sensitivity: dict[str, Any], errors: dict[str, Any], settings: S
         allowed = [pinned[name]] if name in pinned else bits
         err[name] = {b: (w**2) * layers[name]["errors"].get(str(b), 0.0) for b in allowed}
         cst[name] = {b: cost(layers[name], b, settings.cost_model) for b in allowed}
+    unused = [pattern for pattern, _ in settings.pins if not any(re.search(pattern, n) for n in names)]
+    if unused:
+        raise ConfigError(f"--pin '{unused[0]}' matches no layer of the error table ({len(names)} layers, e.g. "
+                          f"{', '.join(names[:2])}); nothing was written")
     if settings.budget is not None:
         budget = settings.budget
     elif settings.budget_bits is not None:

@@ -6,21 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
+from toolchain.commands.common import finite_float, positive_int
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="quantized checkpoint whose calibrated ranges are used")
     p.add_argument("--calib", type=Path, required=True, help="calibration set")
     p.add_argument("--out", type=Path, required=True, help="allocation folder (caches, mp_table.json, plots)")
-    p.add_argument("--images", type=int, default=8, help="calibration images used (default 8)")
+    p.add_argument("--images", type=positive_int, default=8, help="calibration images used (default 8)")
     p.add_argument("--device", default="auto")
 
 
 def _sens_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="auto", help="auto | fid | lpips | st_lpips | mse (auto: first with local weights; st_lpips always works)")
-    p.add_argument("--epsilon", type=float, default=0.02, help="tolerance vs full precision (default 0.02)")
+    p.add_argument("--epsilon", type=finite_float, default=0.02, help="tolerance vs full precision (default 0.02)")
     p.add_argument("--start-bits", type=int, default=2)
     p.add_argument("--max-bits", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (one GPU each when available)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (one GPU each when available)")
     p.add_argument("--weights-dir", type=Path, default=None, help="metric backbone weights (LPIPS AlexNet, Inception)")
 
 
@@ -30,8 +32,8 @@ def _err_args(p: argparse.ArgumentParser) -> None:
 
 def _solve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", choices=["act_bits", "bops"], default="act_bits", help="cost M_{i,b}: bits × activation elements, or bit-operations")
-    p.add_argument("--budget-bits", type=float, default=4.0, help="budget = cost of every layer at this many bits (default 4: uniform A4)")
-    p.add_argument("--budget", type=float, default=None, help="absolute budget in cost units (overrides --budget-bits)")
+    p.add_argument("--budget-bits", type=finite_float, default=4.0, help="budget = cost of every layer at this many bits (default 4: uniform A4)")
+    p.add_argument("--budget", type=finite_float, default=None, help="absolute budget in cost units (overrides --budget-bits)")
     p.add_argument("--pin", action="append", default=[], metavar="REGEX=BITS", help="fix matching layers' activation bits, e.g. 'conv_in$=8'")
 
 
@@ -54,10 +56,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolchain.errors import OutputError
+    from toolchain.io.outputs import check_not_input, output_lock
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is an existing file; allocate writes a folder (caches, mp_table.json, plots)")
+    check_not_input(out, [getattr(args, "checkpoint", None), getattr(args, "calib", None)], replaced_whole=False)
+    with output_lock(out):
+        return _run_locked(args, out)
+
+
+def _run_locked(args: argparse.Namespace, out: Path) -> int:
     from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
     from toolchain.io.atomic import atomic_write_json
 
-    out: Path = args.out
     if args.stage in ("sensitivity", "all"):
         from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
         from toolchain.defaults import device_from_arg

@@ -9,6 +9,17 @@ from toolchain.defaults import DEFAULT_MODEL
 from toolchain.errors import CheckpointError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, limits, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help=f"float model: .safetensors file, model dir or diffusers folder (default: bundled {DEFAULT_MODEL.name})")
@@ -17,9 +28,27 @@ def add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
         p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint directory (from `toolchain quantize`)")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and ±Inf are refused; budgets and tolerances must be numbers)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "replace an existing --out that this command did not write") -> None:
+    """--overwrite: allow replacing foreign files at --out (inputs are never replaced)."""
+    p.add_argument("--overwrite", action="store_true", help=f"{what} (inputs are never replaced)")
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
 
 
 def resolve_model_path(path: Path | None) -> Path:

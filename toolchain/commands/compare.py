@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from toolchain.commands.common import resolve_model_path
-    from toolchain.compare import run_comparison
+    from toolchain.compare import run_comparison, validate_spec
     from toolchain.defaults import device_from_arg
     from toolchain.errors import ConfigError
 
@@ -33,7 +33,16 @@ def run(args: argparse.Namespace) -> int:
         spec = json.loads(args.spec.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read comparison spec {args.spec}: {exc}") from None
-    run_comparison(spec, resolve_model_path(args.model), args.calib, args.eval, args.out, args.work or args.out / "work",
-                   device_from_arg(args.device), name=args.name)
+    validate_spec(spec, f"comparison spec {args.spec}")
+    from toolchain.errors import OutputError
+    from toolchain.io.outputs import check_not_input, output_lock
+
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"--out {args.out} is an existing file; compare writes a folder (table, grids, cache)")
+    check_not_input(args.out, [args.spec, args.model, args.calib, args.eval], replaced_whole=False)
+    device = device_from_arg(args.device)
+    with output_lock(args.out):
+        run_comparison(spec, resolve_model_path(args.model), args.calib, args.eval, args.out, args.work or args.out / "work",
+                       device, name=args.name)
     print(f"table: {args.out / (args.name + '.md')}")
     return 0

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from toolchain.commands.common import positive_int
 from toolchain.commands.common import add_runtime_args, resolve_model_path
+
+
+# The names toolchain.eval.metrics knows (PAIRED_METRICS + SET_METRICS), kept here so --help needs no torch; a test checks they agree.
+METRIC_NAMES = ("psnr", "ssim", "st_lpips", "lpips", "fid", "fd_stlpips")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,20 +22,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None, help="float reference model (default: the checkpoint's source model, else bundled)")
     p.add_argument("--preset", default=None, help="architecture preset for model files without config")
     p.add_argument("--checkpoint", type=Path, action="append", default=[], help="quantized checkpoint dir; repeatable")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--metrics", default="psnr,ssim,st_lpips,fd_stlpips,lpips,fid", help="comma list (weights-dependent ones are skipped with a reason)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--metrics", default="psnr,ssim,st_lpips,fd_stlpips,lpips,fid",
+                   help=f"comma list of {', '.join(METRIC_NAMES)} (lpips and fid need weights in --weights-dir and are skipped with "
+                        "a reason without them; an unknown name is an error)")
     p.add_argument("--weights-dir", type=Path, default=None, help="folder with metric backbone weights (LPIPS AlexNet, Inception)")
     p.add_argument("--accounting-size", type=int, default=None, help="input size for params/ops accounting (default: model size)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for report.json and grid.png")
-    p.add_argument("--grid-rows", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True, help="output folder for report.json and grid.png (other files in it are left alone)")
+    p.add_argument("--grid-rows", type=positive_int, default=4)
     add_runtime_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolchain.errors import OutputError
     from toolchain.eval.report import evaluate_to_folder
+    from toolchain.io.outputs import check_not_input, output_lock
 
-    report = evaluate_to_folder(args)
+    check_not_input(args.out, [args.data, *args.checkpoint], replaced_whole=False)
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"--out {args.out} is an existing file; eval writes a folder (report.json, grid.png)")
+    with output_lock(args.out):
+        report = evaluate_to_folder(args)
+    import sys
+
+    for name, why in report.get("skipped_metrics", {}).items():  # not only inside report.json
+        print(f"warning: metric {name} skipped: {why}", file=sys.stderr)
     for label, res in report["results"].items():
         hq = res.get("vs_hq", {})
         fp = res.get("vs_fp", {})

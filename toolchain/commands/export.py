@@ -9,8 +9,12 @@ from pathlib import Path
 TARGETS = ("onnx", "tflite")
 
 
+# The names in export.parts.PARTS (kept here so building the parser imports no torch; a test checks they agree).
+PARTS = ("full", "unet", "vae_encoder", "vae_decoder", "embedder")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    from export.parts import PARTS
+    from toolchain.commands.common import add_overwrite_arg, positive_int
 
     p = sub.add_parser("export", help="export a checkpoint or float model to ONNX (QDQ) or TFLite",
                        description="Fold offline transforms and merged low-rank branches into the weights and write a deployable "
@@ -20,12 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=TARGETS, required=True)
     p.add_argument("--model", type=Path, default=None, help="float model to export instead of a checkpoint")
     p.add_argument("--preset", default=None)
-    p.add_argument("--out", type=Path, required=True, help="output file (model.onnx / model.tflite); a JSON report is written beside it")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output file (model.onnx / model.tflite); a JSON report is written beside it (<out>.json). All files of "
+                        "the export (TFLite: also <stem>_float.tflite, <stem>.precision.json) are replaced together or not at all; "
+                        "an existing file that no earlier export wrote needs --overwrite")
+    add_overwrite_arg(p)
     p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch and spatial size (multiples of the model's downsampling)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX: dynamic batch and spatial size. The UNet's skip concatenations need height and width to be "
+                        "multiples of the model's total downsampling (full: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, "
+                        "64 for osdface; unet: the UNet factor on the latent); the full and unet graphs replicate-pad any other "
+                        "size up to that multiple and crop the result back. The multiple is written to the report "
+                        "(spatial_multiple, pads_to_multiple) and the ONNX metadata (quantface_spatial_multiple, "
+                        "quantface_pads_to_multiple); for the other parts `toolchain profile --shape` refuses non-multiples")
     p.add_argument("--validate", action="store_true", help="run the exported graph on calibration images and compare with PyTorch")
     p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
-    p.add_argument("--images", type=int, default=4, help="images used by --validate")
+    p.add_argument("--images", type=positive_int, default=4, help="images used by --validate")
     p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
     p.add_argument("--weight-container", choices=("auto", "int8"), default="auto",
                    help="TFLite: auto = int4 storage for <=4-bit weights (smallest file); int8 = same integers in int8 "
@@ -34,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_for_export(args: argparse.Namespace):
+    """(model, checkpoint metadata or None) for the checkpoint or --model given."""
     from toolchain.commands.common import resolve_model_path
     from toolchain.errors import ConfigError
     from toolchain.models.storage import load_model
@@ -54,34 +69,76 @@ def validation_inputs(model, part: str, calib: Path, images: int):
     return part_inputs(model, part, CalibrationSet.open(calib).batches(model.image_size, 1, limit=images))
 
 
-def run(args: argparse.Namespace) -> int:
-    from toolchain.errors import ConfigError
-    from toolchain.io.atomic import atomic_write_json
+def is_export(path: Path) -> bool:
+    """True if ``path`` has the JSON report an earlier `toolchain export` wrote beside it."""
+    try:
+        return "part" in json.loads(Path(str(path) + ".json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
-    model, meta = load_for_export(args)
+
+def group_names(out: Path) -> list[str]:
+    """Every file name one export to ``out`` may write (replaced together)."""
+    return [out.name, out.name + ".json", out.name + ".data", f"{out.stem}_float.tflite", f"{out.stem}.precision.json",
+            f"{out.stem}.mp_table.json"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.io.outputs import check_output_file, output_lock
+
+    check_output_file(args.out, f"{args.target} export", is_export, inputs=[args.checkpoint, args.model, args.calib, args.mp_table],
+                      overwrite=args.overwrite)
+    with output_lock(args.out):
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
+    import sys
+
+    from toolchain.errors import ConfigError
+    from toolchain.io.atomic import atomic_file_group, atomic_write_json
+    from toolchain.io.streams import stdout_to_stderr
+
     if args.validate and args.calib is None:
         raise ConfigError("--validate needs --calib (a calibration set to run)")
-    if args.target == "onnx":
-        from export.onnx_backend import export_onnx
+    model, meta = load_for_export(args)
+    out: Path = args.out
+    print(f"exporting {args.checkpoint or args.model} ({args.part}) to {args.target.upper()} -> {out} …", file=sys.stderr, flush=True)
+    with atomic_file_group(out.parent, out.stem, stale=group_names(out)) as staging, stdout_to_stderr():
+        staged = staging / out.name
+        if args.target == "onnx":
+            from export.onnx_backend import export_onnx
 
-        report = export_onnx(model, args.out, part=args.part, dynamic=args.dynamic)
-        if args.validate:
-            from export.validate import validate
+            report = export_onnx(model, staged, part=args.part, dynamic=args.dynamic)
+            if args.validate:
+                from export.validate import validate
 
-            report["validation"] = validate(str(args.out), model, args.part, validation_inputs(model, args.part, args.calib, args.images))
-    else:
-        from export.tflite_backend import export_tflite
+                report["validation"] = validate(str(staged), model, args.part, validation_inputs(model, args.part, args.calib, args.images))
+        else:
+            from export.tflite_backend import export_tflite
 
-        samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
-        report = export_tflite(model, args.out, part=args.part, meta=meta, mp_table=args.mp_table,
-                               validate_inputs=samples if args.validate else None, calib_inputs=samples,
-                               weight_container=args.weight_container)
-    report["source"] = str(args.checkpoint or args.model)
-    atomic_write_json(args.out.with_suffix(args.out.suffix + ".json"), report)
+            samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
+            report = export_tflite(model, staged, part=args.part, meta=meta, mp_table=args.mp_table,
+                                   validate_inputs=samples if args.validate else None, calib_inputs=samples,
+                                   weight_container=args.weight_container)
+        report = _unstage(report, str(staging), str(out.parent))
+        report["source"] = str(args.checkpoint or args.model)
+        atomic_write_json(staging / (out.name + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
-                                      "scale_mismatches", "weight_grid_mismatches") if k in report}
+                                      "scale_mismatches", "weight_grid_mismatches", "spatial_multiple") if k in report}
     print(json.dumps(summary))
     if "validation" in report:
         v = report["validation"]
         print(json.dumps({k: v[k] for k in v if k not in ("per_image",)}))
     return 0
+
+
+def _unstage(obj, staging: str, final: str):
+    """The report with the staging folder's path replaced by the final folder in every string."""
+    if isinstance(obj, str):
+        return obj.replace(staging, final)
+    if isinstance(obj, dict):
+        return {k: _unstage(v, staging, final) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unstage(v, staging, final) for v in obj]
+    return obj

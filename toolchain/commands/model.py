@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--preset", required=True, help="tiny, ref or osdface")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--format", choices=["file", "dir", "diffusers"], default="file")
-    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--out", type=Path, required=True, help="new path, or an earlier model of the toolchain (else --overwrite)")
+    init.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     info = msub.add_parser("info", help="print a model's config and parameter counts")
     info.add_argument("path", type=Path)
     info.add_argument("--preset", default=None)
@@ -27,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "and no --preset, convert its tensors (the state_dict of a Lightning checkpoint) to one "
                                        ".safetensors file without running any code in the pickle.")
     conv.add_argument("src", type=Path)
-    conv.add_argument("dst", type=Path)
+    conv.add_argument("dst", type=Path, help="new path, or an earlier model of the toolchain (else --overwrite); never SRC")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing DST that is not a toolchain model")
     conv.add_argument("--preset", default=None)
     conv.add_argument("--format", choices=["file", "dir", "diffusers"], default="diffusers")
     conv.add_argument("--fp16", action="store_true", help="store weights as float16")
@@ -43,14 +45,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     osd.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors (UNet LoRA, merged at import)")
     osd.add_argument("--lora-alpha", type=float, default=None,
                      help="LoRA alpha when the file has no alpha keys (default: the file's rank, i.e. scale 1.0 as released)")
-    osd.add_argument("--out", type=Path, required=True, help="model directory to write")
+    osd.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
+    osd.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     ose = isub.add_parser("osediff", help="OSEDiff: SD-2.1-base folder + osediff.pkl + a constant prompt embedding")
     ose.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
     ose.add_argument("--weights", type=Path, required=True, help="osediff.pkl (UNet/VAE-encoder LoRA + fine-tuned conv_in)")
     ose.add_argument("--prompt-embedding", type=Path, required=True,
                      help="one tensor (1, 77, cross_attention_dim) used as the constant prompt (.safetensors or .pt)")
-    ose.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ose.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
+    ose.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     p.set_defaults(func=run)
+
+
+def is_model_artifact(path: Path) -> bool:
+    """True for a model the toolchain wrote: a model/diffusers folder, or a .safetensors file carrying its config."""
+    if path.is_dir():
+        return (path / "model_config.json").is_file() or (path / "toolchain_model.json").is_file()
+    try:
+        from toolchain.io.weights import read_safetensors_metadata
+        from toolchain.models.storage import CONFIG_KEY
+
+        return path.suffix == ".safetensors" and CONFIG_KEY in read_safetensors_metadata(path)
+    except Exception:  # unreadable: not ours
+        return False
+
+
+def check_destination(dst: Path, fmt: str, inputs: list, overwrite: bool) -> None:
+    """Refuse a destination that is the source or a foreign file/folder (before any work)."""
+    from toolchain.io.outputs import check_output_dir, check_output_file
+
+    if fmt == "file":
+        check_output_file(dst, "model file", is_model_artifact, inputs=inputs, overwrite=overwrite)
+    else:
+        check_output_dir(dst, "model folder", is_model_artifact, inputs=inputs, overwrite=overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     from toolchain.models import build_model, load_model, preset, save_model
 
+    if args.model_cmd == "import":
+        check_destination(args.out, "dir", [p for p in vars(args).values() if isinstance(p, Path) and p != args.out], args.overwrite)
     if args.model_cmd == "import" and args.import_kind == "osediff":
         from toolchain.models.release.osediff import import_osediff
         from toolchain.models.release.osediff import summary_lines as osediff_lines
@@ -73,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         print(f"osdface release -> {args.out}")
     elif args.model_cmd == "init":
+        check_destination(args.out, args.format, [], args.overwrite)
         model = build_model(preset(args.preset), seed=args.seed)
         save_model(model, args.out, args.format)
         print(f"random {args.preset} model (seed {args.seed}) -> {args.out}")
@@ -87,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         summary = pickle_to_safetensors(args.src, args.dst)
         print(f"{args.src} -> {args.dst} ({summary})")
     else:
+        check_destination(args.dst, args.format, [args.src], args.overwrite)
         model = load_model(args.src, args.preset)
         save_model(model, args.dst, args.format, dtype=torch.float16 if args.fp16 else None)
         print(f"{args.src} -> {args.dst} ({args.format})")

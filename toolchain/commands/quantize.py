@@ -8,7 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from toolchain.commands.common import add_model_args, add_runtime_args, resolve_model_path
+from toolchain.commands.common import positive_int
+from toolchain.commands.common import add_model_args, add_overwrite_arg, add_runtime_args, resolve_model_path
 from toolchain.errors import ConfigError
 
 
@@ -26,9 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=wXaY", help="per-layer bits override, e.g. 'conv_in$=w8a8'")
     p.add_argument("--mp-table", type=Path, default=None, help="mixed-precision table (mp_table.json) whose per-layer bits to apply")
     p.add_argument("--calib", type=Path, required=True, help="calibration set folder (from `toolchain calibrate`)")
-    p.add_argument("--calib-limit", type=int, default=None, help="use only the first N calibration images")
+    p.add_argument("--calib-limit", type=positive_int, default=None, help="use only the first N calibration images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="checkpoint directory to write: new, empty or a previous checkpoint (else --overwrite); an interrupted "
+                        "run resumes only when model, calibration set and settings are unchanged")
+    add_overwrite_arg(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
 
@@ -62,30 +66,82 @@ def build_config(args: argparse.Namespace):
             raise ConfigError(f"--rule expects REGEX=wXaY, got '{item}'")
         w, a = parse_bits(bits)
         cfg.rules.append(LayerRule(pattern, w, a))
+    cfg.rule_sources = {}
     if args.mp_table is not None:
         from toolchain.alloc.table import load_table, table_rules
 
-        cfg.rules += table_rules(load_table(args.mp_table))
+        rules = table_rules(load_table(args.mp_table))
+        cfg.rules += rules
+        cfg.rule_sources = {r.pattern: str(args.mp_table) for r in rules}
     cfg.params.update(_parse_params(args.param))
     return cfg
 
 
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tree_sha256(path: Path) -> str | None:
+    """SHA-256 over a model file, or over every file of a model folder (names and contents)."""
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + (_file_sha256(f) or "").encode())
+    return h.hexdigest()
+
+
+def run_inputs(args: argparse.Namespace, cfg, model_path: Path) -> dict:
+    """What an interrupted run's training state depends on: recorded in the work folder and compared on resume."""
+    import torch
+
+    from toolchain import __version__
+
+    return json.loads(json.dumps({
+        "quant_config": cfg.to_dict(), "model_sha256": _tree_sha256(Path(model_path)), "preset": args.preset,
+        "calibration_manifest_sha256": _file_sha256(args.calib / "manifest.json"), "calib_limit": args.calib_limit,
+        "batch_size": args.batch_size, "seed": args.seed, "toolchain": __version__, "torch": torch.__version__,
+    }, default=str))
+
+
 def run(args: argparse.Namespace) -> int:
+    from toolchain.io.outputs import check_output_dir, output_lock
+    from toolchain.quant.checkpoint import is_checkpoint
+
+    model_path = resolve_model_path(args.model)
+    check_output_dir(args.out, "quantized checkpoint", is_checkpoint, inputs=[model_path, args.calib, args.config, args.mp_table],
+                     overwrite=args.overwrite)
+    with output_lock(args.out):
+        return _run_locked(args, model_path)
+
+
+def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
     from calibration.dataset import CalibrationSet
     from toolchain.defaults import device_from_arg
+    from toolchain.io.resume import prepare_workdir
     from toolchain.methods.registry import MethodContext, get_method
     from toolchain.models.storage import load_model
     from toolchain.quant.api import quantize_
     from toolchain.quant.checkpoint import save_quantized
+    from toolchain.quant.config import quantizable_layers
 
     cfg = build_config(args)
     get_method(cfg.method, cfg.params)  # validate method and params before any heavy work
     device = device_from_arg(args.device)
-    model_path = resolve_model_path(args.model)
     model = load_model(model_path, args.preset).to(device)
+    cfg.check_matches([n for n, _ in quantizable_layers(model)], cfg.rule_sources)
     data = CalibrationSet.open(args.calib)
     batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
     workdir = args.out.parent / f".{args.out.name}.work"
+    prepare_workdir(workdir, run_inputs(args, cfg, model_path))
     ctx = MethodContext(lq_batches=batches, workdir=workdir, device=device, seed=args.seed)
     summary = quantize_(model, cfg, ctx)
     summary["source_model"] = str(Path(model_path).resolve())

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from toolchain.commands.common import add_model_args, add_runtime_args, load_any_model
+from toolchain.commands.common import add_model_args, add_overwrite_arg, add_runtime_args, load_any_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("restore", help="restore face images with a float model or a quantized checkpoint",
-                       description="Restore face images (PNG/JPEG/..., RGB, RGBA or grey, any size). Each image is resized and "
-                                   "padded to the model size, restored, and written back at its original size and mode.")
+                       description="Restore face images (any format Pillow opens: PNG/JPEG/GIF/TIFF/WebP/TGA/PPM/..., 8/16-bit or "
+                                   "float, RGB, RGBA, palette, CMYK or grey, any size). Each image is resized and padded to the model "
+                                   "size, restored, and written back at its original size and mode as PNG. Folders are scanned by "
+                                   "content: files that are not still images are skipped and listed by name at the end.")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--out", type=Path, required=True, help="output folder (PNG files named after the inputs)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (PNG files named after the inputs); never an input folder; existing files of the same name "
+                        "are replaced only if an earlier restore wrote them (else --overwrite)")
+    add_overwrite_arg(p, "replace existing files of the same name in --out")
     add_model_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -21,10 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from toolchain.defaults import device_from_arg
-    from toolchain.pipeline.restore import restore_files
+    from toolchain.io.images import scan_images
+    from toolchain.io.outputs import check_output_files_into, output_lock
+    from toolchain.io.images import written_by
+    from toolchain.pipeline.restore import RESTORE_SOFTWARE, output_names, restore_files
 
+    scan = scan_images(args.inputs)
+    check_output_files_into(args.out, output_names(scan.paths), inputs=args.inputs, overwrite=args.overwrite,
+                            is_artifact=lambda p: written_by(p) == RESTORE_SOFTWARE)
     device = device_from_arg(args.device)
-    model = load_any_model(args, device)
-    written = restore_files(model, args.inputs, args.out, model.image_size, args.batch_size, device)
-    print(f"restored {len(written)} image(s) -> {args.out}")
+    with output_lock(args.out):
+        model = load_any_model(args, device)
+        written = restore_files(model, scan.paths, args.out, model.image_size, args.batch_size, device)
+    line = f"restored {len(written)}"
+    if scan.skipped:
+        line += f", {scan.skipped_text()}"
+    print(f"{line} -> {args.out}")
     return 0

@@ -30,7 +30,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolchain.commands.model import is_model_artifact
+    from toolchain.io.outputs import check_output_file, output_lock
+
+    check_output_file(args.out, "model file", is_model_artifact, inputs=[args.faces, args.workdir])
+    with output_lock(args.workdir):
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from toolchain.defaults import device_from_arg
     from toolchain.train.reference import ReferenceTrainingArgs, train_reference, write_model_card
@@ -42,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
     info["holdout_every"] = args.holdout_every
     if args.model_card:
         write_model_card(info, args.model_card)
-    print(json.dumps(info["heldout_quality"], indent=2))
-    print(f"model -> {args.out}")
+    print(json.dumps(info["heldout_quality"], indent=2))  # stdout: the JSON only
+    print(f"model -> {args.out}", file=sys.stderr)
     return 0

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from calibration.dataset import CalibrationSet
-from toolchain.errors import MissingWeightsError
+from toolchain.errors import ConfigError, MissingWeightsError
 from toolchain.eval import metrics as M
 
 
@@ -28,7 +28,11 @@ def restore_set(model: Callable[[torch.Tensor], torch.Tensor], lq_batches: list[
 
 
 def resolve_metrics(names: list[str], weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
-    """Keep metrics whose weights are present; explain the others."""
+    """Keep metrics whose weights are present; explain the others (weights missing → skipped with the reason).
+
+    Raises ConfigError for a name that is no metric at all, and for an empty list."""
+    if not names:
+        raise ConfigError(f"--metrics is empty (known: {', '.join(M.PAIRED_METRICS + M.SET_METRICS)})")
     usable, skipped = [], {}
     for name in names:
         try:
@@ -37,8 +41,7 @@ def resolve_metrics(names: list[str], weights_dir: str | None) -> tuple[list[str
             elif name == "fid":
                 M._require(weights_dir, M.INCEPTION_FILE, "fid")
             elif name not in M.PAIRED_METRICS + M.SET_METRICS:
-                skipped[name] = "unknown metric"
-                continue
+                raise ConfigError(f"unknown metric '{name}' (known: {', '.join(M.PAIRED_METRICS + M.SET_METRICS)})")
             usable.append(name)
         except MissingWeightsError as exc:
             skipped[name] = str(exc)

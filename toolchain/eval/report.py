@@ -33,12 +33,12 @@ def evaluate_to_folder(args: argparse.Namespace) -> dict[str, Any]:
     from toolchain.models.storage import load_model
     from toolchain.quant.checkpoint import load_quantized, read_checkpoint_meta
 
+    metric_names, skipped = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()], args.weights_dir)
     device = device_from_arg(args.device)
     metas = [read_checkpoint_meta(c) for c in args.checkpoint]
+    data = CalibrationSet.open(args.data)
     fp_model = load_model(_reference_model_path(args, metas), args.preset).to(device)
     size = fp_model.image_size
-    data = CalibrationSet.open(args.data)
-    metric_names, skipped = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()], args.weights_dir)
     lq_batches, lq, hq = load_eval_set(data, size, args.limit, args.batch_size)
     acc_size = args.accounting_size or size
     example = torch.zeros(1, 3, acc_size, acc_size, device=device)

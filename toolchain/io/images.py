@@ -1,14 +1,34 @@
-"""Reading and writing face images of any common format, size and colour mode.
+"""Reading and writing face images of any format Pillow opens, any size and colour mode.
 
-Images enter the toolchain as float32 RGB arrays in [0, 1] (H, W, 3). The original alpha
-channel and colour mode are kept beside the pixels so a restored image can be written back in
-the same mode (grey stays grey, RGBA keeps its alpha).
+Images enter the toolchain as float32 RGB arrays in [0, 1] (H, W, 3). Pixel values are scaled by the
+file's own sample format, read from Pillow's metadata — never by the data's maximum, so a nearly black
+16-bit photo stays nearly black:
+
+=====================  ==========================================  =========================
+Pillow mode            what                                        scale to [0, 1]
+=====================  ==========================================  =========================
+1, L, P, RGB, CMYK,    1/8-bit per sample (palette, CMYK and       via ``convert("RGB")`` /255
+YCbCr, LAB, HSV        YCbCr are converted by Pillow)
+I;16, I;16B, I;16L     16-bit greyscale (PNG, TIFF)                /65535
+I                      32-bit integer; its real depth from the     /(2^bits − 1), bits from
+                       format (PNG: 16) or TIFF ``BitsPerSample``  the file; unknown → refused
+F                      32-bit float greyscale (TIFF)               as stored (0.0–1.0); NaN/Inf
+                                                                   refused, others clipped
+RGBA, LA, PA, P+tRNS   with alpha                                  alpha kept beside RGB
+=====================  ==========================================  =========================
+
+EXIF orientation is applied. Animated/multi-frame files are refused (which frame would be meant?).
+The original alpha channel and colour mode are kept beside the pixels so a restored image can be
+written back in the same mode (grey stays grey, RGBA keeps its alpha).
+
+Folders are scanned by content, not by extension: every file Pillow can open is used, everything else
+is listed as skipped with its reason (``scan_images``), so nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +37,33 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from toolchain.errors import InputError
 from toolchain.io.atomic import atomic_write_bytes
 
+# Kept for callers that want a quick name filter; folders are scanned by content (scan_images).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
 @dataclass
 class LoadedImage:
     """RGB pixels in [0, 1] plus what is needed to write the image back faithfully."""
 
-    rgb: np.ndarray  # (H, W, 3) float32
-    alpha: np.ndarray | None  # (H, W) float32 or None
-    mode: str  # "RGB", "RGBA", "L", "LA"
+    rgb: np.ndarray  # (H, W, 3) float32 in [0, 1]
+    alpha: np.ndarray | None  # (H, W) float32 in [0, 1] or None
+    mode: str  # output mode: "RGB", "RGBA", "L", "LA"
     path: Path | None = None
 
     @property
     def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
-    """Load an image file; raise InputError with the file name for anything unusable."""
+    """Decode an image file of any format Pillow opens.
+
+    Returns a LoadedImage (see the module table for how each sample format is scaled). Raises
+    InputError naming the file for anything unusable: missing, a folder, not an image, truncated,
+    animated, an unknown integer depth, or non-finite float samples."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"image not found: {path}")
@@ -43,32 +71,66 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise InputError(f"expected an image file, got a directory: {path}")
     try:
         with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise InputError(f"{path} is animated or has {frames} frames; save the frame to restore as a still image")
             im.load()
+            bits = _integer_bits(im)
             im = ImageOps.exif_transpose(im)
     except UnidentifiedImageError:
-        raise InputError(f"{path} is not an image file PIL can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path} is not an image file Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
-    return from_pil(im, path)
+    try:
+        return from_pil(im, path, bits)
+    except ValueError as exc:  # a pixel format Pillow cannot convert to RGB
+        raise InputError(f"cannot convert {path} (mode {im.mode}) to RGB: {exc}") from None
 
 
-def from_pil(im: Image.Image, path: Path | None = None) -> LoadedImage:
-    """Convert a PIL image of any mode to a LoadedImage."""
+def _integer_bits(im: Image.Image) -> int | None:
+    """Bits per sample of a 32-bit-container integer image, from the file's metadata (None if unknown)."""
+    if im.mode != "I":
+        return None
+    if im.format == "PNG":
+        return 16  # PNG stores at most 16-bit grey; Pillow widens some to mode I
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        bps = tags[258]
+        return int(bps[0] if isinstance(bps, tuple) else bps)
+    return None
+
+
+def from_pil(im: Image.Image, path: Path | None = None, bits: int | None = None) -> LoadedImage:
+    """Convert a PIL image of any mode to a LoadedImage, scaling by the sample format (never the data).
+
+    ``bits`` is the real depth of a mode-"I" image (see ``load_image``). Raises InputError."""
+    name = path or "image"
     if im.width < 2 or im.height < 2:
-        raise InputError(f"{path or 'image'} is too small ({im.width}x{im.height})")
+        raise InputError(f"{name} is too small ({im.width}x{im.height})")
     mode = im.mode
-    alpha = None
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float32)
-        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-        rgb = np.repeat(arr[..., None], 3, axis=2)
-        return LoadedImage(np.clip(rgb, 0, 1).astype(np.float32), None, "L", path)
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+    if mode in SIXTEEN_BIT_MODES or mode == "I" or mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            if not np.isfinite(arr).all():
+                raise InputError(f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite (NaN/Inf) pixel values")
+        elif mode == "I":
+            if bits is None:
+                bits = _integer_bits(im)
+            if bits is None or not 1 <= bits <= 32:
+                raise InputError(f"{name} is a 32-bit integer image of unknown bit depth; save it as 8/16-bit or float")
+            arr = arr / float(2**bits - 1)
+        else:
+            arr = arr / 65535.0
+        grey = np.clip(arr, 0.0, 1.0).astype(np.float32)
+        return LoadedImage(np.repeat(grey[..., None], 3, axis=2), None, "L", path)
+    if mode in ("RGBA", "LA", "PA", "RGBa") or (mode == "P" and "transparency" in im.info) or (mode in ("L", "RGB") and "transparency" in im.info):
         rgba = im.convert("RGBA")
         alpha = np.asarray(rgba, dtype=np.float32)[..., 3] / 255.0
-        out_mode = "LA" if mode == "LA" else "RGBA"
+        out_mode = "LA" if mode in ("LA", "L") else "RGBA"
         rgb = np.asarray(rgba.convert("RGB"), dtype=np.float32) / 255.0
         return LoadedImage(rgb, alpha, out_mode, path)
+    if mode not in EIGHT_BIT_MODES:
+        raise InputError(f"{name} has the pixel format '{mode}', which this toolchain does not read; save it as 8/16-bit RGB or grey")
     out_mode = "L" if mode in ("L", "1") else "RGB"
     rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return LoadedImage(rgb, None, out_mode, path)
@@ -88,9 +150,15 @@ def to_pil(rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None) 
     return im
 
 
-def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None, quality: int = 95) -> Path:
-    """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
+def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alpha: np.ndarray | None = None, quality: int = 95,
+               software: str | None = None) -> Path:
+    """Write an image atomically; the format follows the suffix (JPEG drops alpha).
+
+    ``software`` (PNG only) is stored as the PNG ``Software`` text field, so a later run can tell its own
+    outputs from the user's files (``written_by``)."""
     import io
+
+    from PIL import PngImagePlugin
 
     path = Path(path)
     im = to_pil(rgb, mode, alpha)
@@ -100,22 +168,85 @@ def save_image(path: str | os.PathLike, rgb: np.ndarray, mode: str = "RGB", alph
     if fmt == "JPEG" and im.mode in ("RGBA", "LA"):
         im = im.convert("RGB" if im.mode == "RGBA" else "L")
     buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    extra: dict = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if software and fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", software)
+        extra["pnginfo"] = info
+    im.save(buf, format=fmt, **extra)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Expand files and directories into a sorted list of image paths (directories non-recursive)."""
-    paths: list[Path] = []
+def written_by(path: str | os.PathLike) -> str | None:
+    """The PNG ``Software`` text of ``path`` (None if absent or unreadable)."""
+    try:
+        with Image.open(path) as im:
+            value = im.info.get("Software")
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class ImageScan:
+    """Result of expanding files and folders: the images to use and what was skipped, with reasons."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def skipped_text(self) -> str:
+        """"skipped 2: b.gif (animated), x.txt (not an image)" or "" when nothing was skipped."""
+        if not self.skipped:
+            return ""
+        return f"skipped {len(self.skipped)}: " + ", ".join(f"{p.name} ({why})" for p, why in self.skipped)
+
+
+def probe_image(path: Path) -> str | None:
+    """None if Pillow can open ``path`` as a still image, else a short reason ("not an image", "animated", ...)."""
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                return "animated" if im.format in ("GIF", "PNG", "WEBP") else f"{im.n_frames} frames"
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return f"unreadable: {str(exc)[:80]}"
+    return None
+
+
+def scan_images(inputs: list[str | os.PathLike], what: str = "input") -> ImageScan:
+    """Expand files and folders (non-recursive) into images, by content rather than extension.
+
+    Files named explicitly must be readable images (InputError otherwise, naming the file); inside a
+    folder, every file Pillow opens as a still image is used and everything else — non-images,
+    animated files, sub-folders, hidden files — is recorded in ``skipped`` with its reason.
+    Raises InputError if an input is missing or no image is found at all."""
+    scan = ImageScan()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-            if not found:
-                raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {p}")
-            paths.extend(found)
+            for q in sorted(p.iterdir()):
+                if q.name.startswith("."):
+                    scan.skipped.append((q, "hidden"))
+                elif q.is_dir():
+                    scan.skipped.append((q, "folder"))
+                elif (why := probe_image(q)) is not None:
+                    scan.skipped.append((q, why))
+                else:
+                    scan.paths.append(q)
         elif p.exists():
-            paths.append(p)
+            why = probe_image(p)
+            if why is not None:
+                raise InputError(f"{p} cannot be used: {why}")
+            scan.paths.append(p)
         else:
-            raise InputError(f"input not found: {p}")
-    return paths
+            raise InputError(f"{what} not found: {p}")
+    if not scan.paths:
+        detail = f" ({scan.skipped_text()})" if scan.skipped else ""
+        raise InputError(f"no usable images in {', '.join(str(i) for i in inputs)}{detail}")
+    return scan
+
+
+def list_images(inputs: list[str | os.PathLike], what: str = "input") -> list[Path]:
+    """The image paths of ``scan_images`` (skipped files are dropped; use scan_images to report them)."""
+    return scan_images(inputs, what).paths

@@ -54,10 +54,16 @@ def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        # PyTorch's own message goes on to suggest weights_only=False, which would run the file's code:
+        # quote only the name of the object it refused, never that advice.
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects other than tensors "
-            f"({first[:160]}); only weights-only checkpoints are accepted"
+            f"refusing to load {path}: it holds Python objects other than tensors{what}, and loading it would run code "
+            "from the file; do not load it with weights_only=False — convert it to .safetensors where it was made, "
+            "or get a weights-only checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
@@ -71,6 +77,20 @@ def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/Inf in any floating-point tensor of ``tensors`` (a state dict read from ``where``).
+
+    Raises CheckpointError naming the first bad tensor and how many tensors are affected."""
+    bad = [name for name, t in tensors.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        first = tensors[bad[0]]
+        n = int((~torch.isfinite(first)).sum())
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {bad[0]} holds {n} non-finite (NaN/Inf) value(s){more}; "
+                              "the file is damaged or came from a diverged run — nothing was written")
+
+
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Return the string metadata block of a safetensors file (empty dict if none)."""
     path = Path(path)
@@ -82,6 +102,8 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
             header = json.loads(f.read(header_len))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}) or {}, dict):
+        raise CheckpointError(f"{path} is not a valid safetensors file (its header is not a JSON object)")
     return dict(header.get("__metadata__", {}) or {})
 
 

@@ -29,15 +29,16 @@ def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.T
         path = Path(lpips_weights)
         folder = path if path.is_dir() else path.parent
         if not (folder / M.LPIPS_ALEX_FILE).is_file():
-            raise MissingWeightsError(f"--lpips-weights: {folder / M.LPIPS_ALEX_FILE} not found (need torchvision's ImageNet AlexNet weights)")
+            raise MissingWeightsError(f"--param lpips_weights={lpips_weights}: {folder / M.LPIPS_ALEX_FILE} not found "
+                                      "(need torchvision's ImageNet AlexNet weights)")
         net = M._lpips_alex(str(folder))
         for p in net.parameters():
             p.requires_grad_(False)
         return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "LPIPS-Alex"
-    msg = ("LPIPS weights not given (--lpips-weights / param lpips_weights): using the shift-tolerant LPIPS from the "
-           "stlpips-pytorch wheel as the perceptual term instead (a documented substitute, not the paper's LPIPS)")
-    log.warning(msg)
-    print(f"WARNING: {msg}", file=sys.stderr)
+    # one line on stderr (it also went through logging's last-resort handler before, so it printed twice)
+    print(f"WARNING: LPIPS weights not given (pass --param lpips_weights=PATH to {M.LPIPS_ALEX_FILE}): using the "
+          "shift-tolerant LPIPS from the stlpips-pytorch wheel as the perceptual term instead "
+          "(a documented substitute, not the paper's LPIPS)", file=sys.stderr)
     net = M.stlpips_net()
     return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "ST-LPIPS (substitute)"
 

@@ -127,6 +127,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object, not {type(d).__name__ if d is not None else 'null'}")
         d = copy.deepcopy(d)
         version = d.get("version", 1)
         if version != 1:

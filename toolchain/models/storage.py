@@ -22,7 +22,7 @@ import torch
 
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_directory, atomic_write_json
-from toolchain.io.weights import load_tensors, read_safetensors_metadata, save_tensors
+from toolchain.io.weights import check_finite, load_tensors, read_safetensors_metadata, save_tensors
 from toolchain.models.configs import EmbedderConfig, ModelConfig, preset
 from toolchain.models.osdface import OSDFaceModel, build_model
 
@@ -95,7 +95,13 @@ def _config_from_file(path: Path, preset_name: str | None) -> ModelConfig:
     if path.suffix == ".safetensors":
         meta = read_safetensors_metadata(path)
         if CONFIG_KEY in meta:
-            return ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+            try:
+                cfg = json.loads(meta[CONFIG_KEY])
+            except (TypeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{path}: its '{CONFIG_KEY}' metadata is not JSON ({exc})") from None
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{path}: its '{CONFIG_KEY}' metadata must be a JSON object, not {type(cfg).__name__}")
+            return ModelConfig.from_dict(cfg)
     if preset_name is None:
         raise CheckpointError(f"{path} carries no model config; pass --preset to say which architecture it holds")
     return preset(preset_name)
@@ -103,9 +109,12 @@ def _config_from_file(path: Path, preset_name: str | None) -> ModelConfig:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__ if data is not None else 'null'}")
+    return data
 
 
 def _weights_in(folder: Path) -> Path:
@@ -162,6 +171,7 @@ def known_vae_keys(cfg: dict) -> dict:
 
 
 def _instantiate(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype, strict: bool = True) -> OSDFaceModel:
+    check_finite(state, where)
     model = build_model(cfg, seed=0)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and (strict or not k.startswith("embedder."))]

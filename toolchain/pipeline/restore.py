@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 from toolchain.io.images import LoadedImage, list_images, load_image, save_image
 
 
+RESTORE_SOFTWARE = "quantface-toolchain restore"  # PNG Software field of every restored image (tells our outputs from the user's)
+
+
 @dataclass
 class Placement:
     """Where the resized image sits inside the padded model input."""
@@ -79,14 +82,17 @@ def restore_arrays(model: Callable[[torch.Tensor], torch.Tensor], images: Sequen
 
 def restore_files(model: Callable[[torch.Tensor], torch.Tensor], inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   size: int, batch_size: int = 4, device: torch.device | str = "cpu", suffix: str = ".png", progress: bool = True) -> list[Path]:
-    """Restore image files/directories into ``out_dir``; each output file is written atomically."""
+    """Restore image files/directories into ``out_dir``; each output file is written atomically.
+
+    Every input is decoded before anything is written, so one bad file fails the run with nothing
+    written. ``out_dir`` is not checked here (``toolchain.io.outputs.check_output_files_into`` does)."""
     paths = list_images(list(inputs))
     images = [load_image(p) for p in paths]  # decode everything first: bad input fails before any write
     restored = restore_arrays(model, images, size, batch_size, device, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [save_image(out_dir / name, rgb, img.mode, _alpha_at(img.alpha, rgb.shape[:2]))
-            for img, rgb, name in zip(images, restored, _unique_names(paths, suffix))]
+    return [save_image(out_dir / name, rgb, img.mode, _alpha_at(img.alpha, rgb.shape[:2]), software=RESTORE_SOFTWARE)
+            for img, rgb, name in zip(images, restored, output_names(paths, suffix))]
 
 
 def _alpha_at(alpha: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray | None:
@@ -97,7 +103,8 @@ def _alpha_at(alpha: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray | Non
     return t[0, 0].clamp(0, 1).numpy()
 
 
-def _unique_names(paths: Sequence[Path], suffix: str) -> list[str]:
+def output_names(paths: Sequence[Path], suffix: str = ".png") -> list[str]:
+    """Output file names for ``paths``: the stem plus ``suffix``, with _1, _2 … for repeated stems."""
     seen: dict[str, int] = {}
     names = []
     for p in paths:

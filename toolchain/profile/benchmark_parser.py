@@ -52,15 +52,36 @@ def _table_rows(lines: list[str], start: int) -> tuple[list[dict[str, Any]], int
     return rows, i
 
 
+_ERROR_LINE = re.compile(r"^(?:ERROR: |E/|\d\d-\d\d \d\d:\d\d:\d\d\.\d+\s+\d+\s+\d+\s+[EF]\s)")
+_FAILURE = re.compile(r"(Benchmarking failed|Failed to apply .*delegate|Failed to (?:allocate|invoke|initialize|create)|"
+                      r"Error in applying the default TensorFlow Lite delegate|Aborted)", re.I)
+_GPU_SPLIT = re.compile(r"(\d+) operations will run on the (\w+), and the remaining (\d+) operations? will run on the CPU")
+
+
 def parse_benchmark_output(text: str) -> dict[str, Any]:
-    lines = [_strip(l) for l in text.splitlines()]
-    out: dict[str, Any] = {"runs": {}, "delegation": [], "fallback": False, "ops": [], "node_types": []}
+    """Parse benchmark_model output into a report (times in ms; see ``_normalise``).
+
+    Besides timings it records ``errors`` (lines the tool printed as errors or failures),
+    ``failed`` (the run or its delegate failed: "Benchmarking failed.", "Failed to apply … delegate")
+    and ``fallback`` (partial delegation, from any of the lines LiteRT prints for it)."""
+    raw_lines = text.splitlines()
+    lines = [_strip(l) for l in raw_lines]
+    out: dict[str, Any] = {"runs": {}, "delegation": [], "fallback": False, "ops": [], "node_types": [], "errors": [], "failed": False}
     section = None
     i = 0
     while i < len(lines):
         line = lines[i]
         s = line.strip()
-        if m := re.match(r"Num threads: \[(\d+)\]", s):
+        if _ERROR_LINE.match(raw_lines[i].lstrip()) or _FAILURE.search(s):
+            out["errors"].append(s)
+            out["failed"] |= bool(_FAILURE.search(s))
+        if m := _GPU_SPLIT.search(s):
+            delegated, rest = int(m.group(1)), int(m.group(3))
+            out["delegation"].append({"delegated_nodes": delegated, "total_nodes": delegated + rest, "delegate": m.group(2),
+                                      "partitions": None})
+            out["fallback"] |= rest > 0
+            out.setdefault("delegate_messages", []).append(s)
+        elif m := re.match(r"Num threads: \[(\d+)\]", s):
             out["threads"] = int(m.group(1))
         elif m := re.match(r"Graph: \[(.*)\]", s):
             out["graph"] = m.group(1)
@@ -144,7 +165,7 @@ def _normalise(p: dict[str, Any]) -> dict[str, Any]:
         res["warmup_avg_ms"] = p["warmup_avg_us"] / 1000.0
     if "memory_mb" in p:
         res["memory_mb"] = p["memory_mb"]
-    for k in ("threads", "graph", "model_size_mb", "delegation", "fallback", "nodes_executed"):
+    for k in ("threads", "graph", "model_size_mb", "delegation", "fallback", "nodes_executed", "errors", "failed"):
         if k in p:
             res[k] = p[k]
     res["ops"] = [{"type": r.get("node type"), "name": r.get("name"), "avg_ms": r.get("avg ms"), "percent": r.get("%"),

@@ -28,9 +28,60 @@ def _timed(run: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
             "std": statistics.pstdev(times), "runs": runs, "warmup": warmup}
 
 
+SPATIAL_MULTIPLE_KEY = "quantface_spatial_multiple"
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, list[int]]:
+    """``["lq_image=1x3x64x64", "1x4x8x8"]`` → {"lq_image": [...], "#1": [...]} (unnamed = by position).
+
+    Raises ConfigError for malformed items or non-positive sizes."""
+    from toolchain.errors import ConfigError
+
+    shapes: dict[str, list[int]] = {}
+    for k, item in enumerate(items or []):
+        name, sep, dims = item.rpartition("=")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not shape or any(d < 1 for d in shape):
+            raise ConfigError(f"--shape expects [NAME=]N x C x H x W with positive sizes, e.g. 1x3x64x64; got '{item}'")
+        shapes[name if sep else f"#{k}"] = shape
+    return shapes
+
+
+def concrete_shapes(inputs: list[tuple[str, list]], shapes: dict[str, list[int]], multiple: int | None, model: str) -> list[list[int]]:
+    """Resolve every input's shape: fixed dims as stored, dynamic ones (names, None, -1) from ``shapes``.
+
+    Raises ConfigError with one line when a dynamic input has no --shape, a --shape contradicts a fixed
+    dimension, or a spatial size is not a multiple of the model's recorded ``multiple``."""
+    from toolchain.errors import ConfigError
+
+    out = []
+    for k, (name, shape) in enumerate(inputs):
+        dynamic = [not isinstance(d, (int, np.integer)) or d < 1 for d in shape]
+        given = shapes.get(name, shapes.get(f"#{k}"))
+        hint = f" (height and width multiples of {multiple})" if multiple else ""
+        if given is None:
+            if any(dynamic):
+                dims = "x".join(str(d) if not dyn else str(d or "?") for d, dyn in zip(shape, dynamic))
+                raise ConfigError(f"{model}: input '{name}' has dynamic dimensions {dims}; give concrete ones with "
+                                  f"--shape {name}=1x{'x'.join(str(d) if not dyn else 'N' for d, dyn in list(zip(shape, dynamic))[1:])}{hint}")
+            out.append([int(d) for d in shape])
+            continue
+        if len(given) != len(shape) or any(not dyn and int(d) != g for d, g, dyn in zip(shape, given, dynamic)):
+            raise ConfigError(f"{model}: --shape {'x'.join(map(str, given))} does not fit input '{name}' of shape {list(shape)}")
+        if multiple and len(given) == 4 and (given[2] % multiple or given[3] % multiple):
+            raise ConfigError(f"{model}: --shape {'x'.join(map(str, given))}: height and width must be multiples of {multiple} "
+                              f"for this dynamic-shape export (e.g. {given[2] // multiple * multiple or multiple}x"
+                              f"{given[3] // multiple * multiple or multiple})")
+        out.append(list(given))
+    return out
+
+
 def _random_inputs(shapes: list[tuple[list[int], Any]]) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
-    return [rng.uniform(-1, 1, size=[int(d) if d and d > 0 else 1 for d in shape]).astype(dtype) for shape, dtype in shapes]
+    return [rng.uniform(-1, 1, size=[int(d) for d in shape]).astype(dtype) for shape, dtype in shapes]
 
 
 def host_info() -> dict[str, Any]:
@@ -42,16 +93,29 @@ def host_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
-def profile_tflite(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, xnnpack: bool = True) -> dict[str, Any]:
+def profile_tflite(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, xnnpack: bool = True,
+                   shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Time the LiteRT interpreter on random inputs; ``shapes`` fixes dynamic inputs (see ``parse_shapes``).
+
+    Returns the report dict (times in ms). Raises InputError for a file LiteRT cannot load, ConfigError for missing shapes."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from toolchain.errors import InputError
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     t0 = time.perf_counter()
-    it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+    try:
+        it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"{path} is not a TFLite model LiteRT can load ({str(exc).strip().splitlines()[0][:200]})") from None
+    details = it.get_input_details()
+    resolved = concrete_shapes([(d["name"], [int(x) for x in d.get("shape_signature", d["shape"])]) for d in details], shapes or {}, None, str(path))
+    for d, shape in zip(details, resolved):
+        if list(d["shape"]) != shape:
+            it.resize_tensor_input(d["index"], shape)
     it.allocate_tensors()
     init_ms = (time.perf_counter() - t0) * 1000
-    details = it.get_input_details()
-    for d, x in zip(details, _random_inputs([(d["shape"], d["dtype"]) for d in details])):
+    for d, x in zip(details, _random_inputs([(shape, d["dtype"]) for d, shape in zip(details, resolved)])):
         it.set_tensor(d["index"], x)
     res = _timed(it.invoke, warmup, runs)
     return {"runtime": "litert-interpreter", "delegate": "xnnpack" if xnnpack else "none (builtin kernels)", "threads": threads,
@@ -65,21 +129,35 @@ def _layer_of(node_name: str) -> str | None:
     parts = [p for p in node_name.split("/") if p]
     if len(parts) < 2:
         return None
-    if parts[0] == "model":
+    while parts and parts[0] in ("inner", "model"):  # "inner": the pad-to-multiple wrapper of dynamic exports
         parts = parts[1:]
     return ".".join(parts[:-1]) or None
 
 
-def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, per_op: bool = True) -> dict[str, Any]:
+def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, per_op: bool = True,
+                 shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Time ONNX Runtime (CPU) on random inputs, with per-node times from its profiler.
+
+    ``shapes`` fixes dynamic inputs (see ``parse_shapes``); a dynamic-shape export's spatial multiple
+    (metadata ``quantface_spatial_multiple``) is checked. Raises InputError for a file ORT cannot load."""
     import onnxruntime as ort
+
+    from toolchain.errors import InputError
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # a default session: what users run
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # a default session: what users run
+    except Exception as exc:  # ORT raises its own pybind classes (InvalidProtobuf, Fail, …) for unreadable models
+        raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(exc).strip().splitlines()[0][:200]})") from None
     init_ms = (time.perf_counter() - t0) * 1000
     type_map = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    feeds = {i.name: x for i, x in zip(sess.get_inputs(), _random_inputs([(i.shape, type_map.get(i.type, np.float32)) for i in sess.get_inputs()]))}
+    meta = sess.get_modelmeta().custom_metadata_map
+    multiple = meta.get(SPATIAL_MULTIPLE_KEY) if meta.get("quantface_pads_to_multiple") != "true" else None  # padded graphs take any size
+    resolved = concrete_shapes([(i.name, list(i.shape)) for i in sess.get_inputs()], shapes or {}, int(multiple) if multiple else None, str(path))
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), _random_inputs([(shape, type_map.get(i.type, np.float32))
+                                                                          for i, shape in zip(sess.get_inputs(), resolved)]))}
     res = _timed(lambda: sess.run(None, feeds), warmup, runs)
     report: dict[str, Any] = {"runtime": f"onnxruntime {ort.__version__} CPU", "threads": threads, "init_ms": init_ms, "inference_ms": res,
                               "model_bytes": Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if Path(str(path) + ".data").exists() else 0)}

@@ -23,7 +23,7 @@ import torch
 
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_directory, atomic_write_json
-from toolchain.io.weights import load_tensors, save_tensors
+from toolchain.io.weights import check_finite, load_tensors, save_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osdface import OSDFaceModel, build_model
 from toolchain.quant.calibrate import quant_layers, set_submodule
@@ -57,6 +57,15 @@ def save_quantized(model: OSDFaceModel, qconfig: QuantConfig, out_dir: str | os.
     return out_dir
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder whose quant_config.json says it is a quantized checkpoint."""
+    try:
+        meta = json.loads((Path(path) / "quant_config.json").read_text())
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     ckpt_dir = Path(ckpt_dir)
     cfg_path = ckpt_dir / "quant_config.json"
@@ -66,11 +75,33 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object, not {type(meta).__name__ if meta is not None else 'null'}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a {FORMAT} file")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_path} has checkpoint version {meta.get('version')}; this toolchain reads version {FORMAT_VERSION}")
+    for key, typ in (("model_config", dict), ("layers", dict), ("quant_config", dict)):
+        if key not in meta:
+            raise CheckpointError(f"{cfg_path} lacks '{key}'; the checkpoint is incomplete — quantize again")
+        if not isinstance(meta[key], typ):
+            raise CheckpointError(f"{cfg_path}: '{key}' must be a JSON object (name → entry), not {type(meta[key]).__name__}")
+    for name, desc in meta["layers"].items():
+        if not isinstance(desc, dict):
+            raise CheckpointError(f"{cfg_path}: layer '{name}' must be a JSON object, not {type(desc).__name__}")
     return meta
+
+
+def check_quant_params(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse non-finite tensors and quantizer scales that are zero or negative (they would be clamped
+    to a tiny epsilon at run time and silently change every output). Raises CheckpointError naming the tensor."""
+    check_finite(state, where)
+    for name, t in state.items():
+        if ".scale" in name and "quantizer" in name and name.endswith("scale") and t.is_floating_point() and t.numel():
+            bad = t <= 0
+            if bool(bad.any()):
+                raise CheckpointError(f"{where}: quantizer scale {name} has {int(bad.sum())} zero or negative value(s) "
+                                      f"(min {float(t.min()):.3g}); scales must be positive — the checkpoint is damaged")
 
 
 def rebuild_quant_structure(model: torch.nn.Module, layers: dict[str, dict[str, Any]]) -> None:
@@ -98,8 +129,12 @@ def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cp
     ckpt_dir = Path(ckpt_dir)
     meta = read_checkpoint_meta(ckpt_dir)
     model = build_model(ModelConfig.from_dict(meta["model_config"]), seed=None)
-    rebuild_quant_structure(model, meta["layers"])
+    try:
+        rebuild_quant_structure(model, meta["layers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt_dir}/quant_config.json has a malformed layer entry ({type(exc).__name__}: {exc})") from None
     state = load_tensors(ckpt_dir / "model.safetensors")
+    check_quant_params(state, f"{ckpt_dir}/model.safetensors")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -70,6 +70,8 @@ class QuantConfig:
     rules: list[LayerRule] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     version: int = CONFIG_VERSION
+    # where rules came from (pattern -> file), for messages only; not serialised
+    rule_sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.version != CONFIG_VERSION:
@@ -109,6 +111,37 @@ class QuantConfig:
             return None
         return self.weight.with_bits(w_bits), self.activation.with_bits(a_bits)
 
+    def check_matches(self, names: list[str], sources: dict[str, str] | None = None) -> None:
+        """Refuse patterns that would silently do nothing on a model whose layer paths are ``names``.
+
+        Every ``include`` pattern, every non-default ``exclude`` pattern and every rule must match at
+        least one layer (rules: one in scope). ``sources`` maps a rule pattern to where it came from
+        (e.g. an mp_table path) for the message. Raises ConfigError naming the first few misses."""
+        sources = sources or {}
+        misses: list[str] = []
+        for pat in self.include:
+            if not any(re.search(pat, n) for n in names):
+                misses.append(f"--include '{pat}'")
+        for pat in self.exclude:
+            if pat not in DEFAULT_EXCLUDE and not any(re.search(pat, n) for n in names):
+                misses.append(f"--exclude '{pat}'")
+        in_scope = [n for n in names if self.in_scope(n)]
+        table_misses: dict[str, int] = {}
+        for rule in self.rules:
+            if not any(rule.matches(n) for n in in_scope):
+                src = sources.get(rule.pattern)
+                if src is not None:
+                    table_misses[src] = table_misses.get(src, 0) + 1
+                else:
+                    misses.append(f"rule '{rule.pattern}'")
+        for src, count in table_misses.items():
+            total = sum(1 for v in sources.values() if v == src)
+            misses.insert(0, f"{src}: {count} of its {total} layers" + (" (none matches: written for another model?)" if count == total else ""))
+        if misses:
+            example = ", ".join(in_scope[:3]) or "none"
+            raise ConfigError(f"{'; '.join(misses[:4])}{' …' if len(misses) > 4 else ''} match no quantizable layer in scope "
+                              f"({len(in_scope)} in scope, e.g. {example}); nothing was written")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -146,10 +179,18 @@ class QuantConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":
+        """Read a QuantConfig JSON file; raises ConfigError for unreadable JSON or anything but an object."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read quant config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"quant config {path} must be a JSON object with keys such as method, weight, activation, rules; "
+                              f"it holds {type(data).__name__ if data is not None else 'null'}")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"invalid quant config {path}: {exc}") from None
 
 
 def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
