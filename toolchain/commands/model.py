@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from toolchain.io.weights import PICKLE_SUFFIXES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ose.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
     ose.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     p.set_defaults(func=run)
+
+
+def _pickle_suffixes() -> tuple[str, ...]:
+    from toolchain.io.weights import PICKLE_SUFFIXES  # imports torch: not at module level (fast --help)
+
+    return tuple(PICKLE_SUFFIXES)
 
 
 def is_model_artifact(path: Path) -> bool:
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
         print(json.dumps({"name": model.config.name, "kind": model.config.kind, "image_size": model.image_size, "timestep": model.config.timestep,
                           "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
-    elif args.src.suffix in PICKLE_SUFFIXES and args.preset is None:
+    elif args.src.suffix in _pickle_suffixes() and args.preset is None:
         from toolchain.io.convert import pickle_to_safetensors
 
         summary = pickle_to_safetensors(args.src, args.dst)
