@@ -249,3 +249,18 @@ def test_w4_file_is_smaller_than_w8(tiny_model_path, tmp_path):
     fp = export_onnx(load_model(tiny_model_path), tmp_path / "c.onnx")["bytes"]
     assert s4 < s8 < fp
     assert compare(np.zeros(3), np.zeros(3), False)["max_abs_error"] == 0.0
+
+
+def test_cli_validate_prints_one_json_document(tiny_model_path, calib_dir, tmp_path, capfd):
+    """`export --validate` writes one JSON document on stdout (summary with the validation inside), which
+    names both ORT sessions, the CPU and whether the figure is at float-noise level."""
+    from toolchain.cli import main
+
+    out = tmp_path / "fp.onnx"
+    capfd.readouterr()
+    assert main(["export", "--model", str(tiny_model_path), "--target", "onnx", "--out", str(out), "--validate",
+                 "--calib", str(calib_dir), "--images", "2"]) == 0
+    doc = json.loads(capfd.readouterr().out)  # raises on two documents
+    v = doc["validation"]
+    assert set(v["sessions"]) == {"default", "no_optimizations"} and v["cpu"]["features"] is not None
+    assert v["within_float_noise_floor"] is True and v["psnr_db_min"] > 100  # a float graph: ORT = PyTorch to float noise

@@ -126,10 +126,9 @@ def _run_locked(args: argparse.Namespace) -> int:
         atomic_write_json(staging / (out.name + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
                                       "scale_mismatches", "weight_grid_mismatches", "spatial_multiple") if k in report}
+    if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
+        summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
     print(json.dumps(summary))
-    if "validation" in report:
-        v = report["validation"]
-        print(json.dumps({k: v[k] for k in v if k not in ("per_image",)}))
     return 0
 
 

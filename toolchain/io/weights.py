@@ -50,14 +50,22 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: unsupported checkpoint type '{path.suffix}' (expected .safetensors, or .pt/.pth/.ckpt/.bin)")
 
 
-def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # PyTorch's own message goes on to suggest weights_only=False, which would run the file's code:
-        # quote only the name of the object it refused, never that advice.
-        import re
+def torch_load_weights_only(path: Path, kind: str = "torch checkpoint") -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
+    Raises CheckpointError naming ``path``: for a pickle that holds anything but tensors and plain
+    containers (quoting only the refused global, never PyTorch's advice to reload with
+    weights_only=False, which would run the file's code), and for an unreadable file (``kind`` names
+    what was expected). PyTorch's own warnings about the pickle protocol are kept off the terminal.
+    """
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         what = f" (it references {found.group(1)})" if found else ""
         raise CheckpointError(
@@ -66,7 +74,11 @@ def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
             "or get a weights-only checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path} is not a readable {kind} ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    obj = torch_load_weights_only(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -139,7 +139,8 @@ class QuantConfig:
             misses.insert(0, f"{src}: {count} of its {total} layers" + (" (none matches: written for another model?)" if count == total else ""))
         if misses:
             example = ", ".join(in_scope[:3]) or "none"
-            raise ConfigError(f"{'; '.join(misses[:4])}{' …' if len(misses) > 4 else ''} match no quantizable layer in scope "
+            verb = "matches" if len(misses) == 1 else "match"
+            raise ConfigError(f"{'; '.join(misses[:4])}{' …' if len(misses) > 4 else ''} {verb} no quantizable layer in scope "
                               f"({len(in_scope)} in scope, e.g. {example}); nothing was written")
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +52,9 @@ def read_osediff_pkl(path: Path) -> dict[str, Any]:
     """
     if not path.is_file():
         raise CheckpointError(f"{path} not found (given to --weights)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or ["unsafe content"])[0]
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
-                              f"({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch pickle ({str(exc).splitlines()[0][:160]})") from None
+    from toolchain.io.weights import torch_load_weights_only
+
+    obj = torch_load_weights_only(path, "torch pickle")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not the OSEDiff checkpoint dict")
     missing = [k for k in _REQUIRED if k not in obj]
