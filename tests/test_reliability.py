@@ -190,24 +190,31 @@ def test_second_run_on_the_same_out_is_refused_with_one_line(tmp_path, capsys):
 
 
 def test_concurrent_processes_one_wins_one_line_for_the_other(tmp_path):
-    """Two real processes on one --out: the one that holds the lock builds the set, the other exits 2 with the lock line
-    (the second starts only once the first holds the lock, so the test does not depend on timing)."""
+    """A process that finds --out locked by another process exits 2 with the one lock line and writes nothing;
+    once the holder is done, the same command runs. The holder is a real process that keeps the lock until
+    the test releases it, so nothing depends on how fast either side runs (a version that raced two
+    calibrate runs failed when the first finished before the second reached its lock)."""
     from toolchain.io.outputs import lock_path
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "set"
-    cmd = [sys.executable, "-m", "toolchain", "calibrate", "-n", "24", "--size", "192", "--out", str(out)]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not lock_path(out).exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert first.poll() is None, "the first run finished before the second could start"
-    second = subprocess.run([*cmd[:-4], "-n", "2", "--size", "16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=120)
-    assert first.wait(timeout=300) == 0, first.stderr.read()
-    assert second.returncode == 2 and "another toolchain run" in second.stderr and "Traceback" not in second.stderr
-    assert len([l for l in second.stderr.splitlines() if l.strip()]) == 1
-    assert len(json.loads((out / "manifest.json").read_text())["items"]) == 24  # the first run's set, untouched
-    assert not lock_path(out).exists() and not (tmp_path / "set.partial").exists()
+    hold = ("import sys\nfrom toolchain.io.outputs import output_lock\nwith output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [sys.executable, "-m", "toolchain", "calibrate", "-n", "2", "--size", "16", "--out", str(out)]
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "another toolchain run" in second.stderr and "Traceback" not in second.stderr
+        assert len([l for l in second.stderr.splitlines() if l.strip()]) == 1
+        assert not out.exists() and not (tmp_path / "set.partial").exists()
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr
+    assert len(json.loads((out / "manifest.json").read_text())["items"]) == 2
+    assert not lock_path(out).exists()
 
 
 # ---- quantize resume -----------------------------------------------------------------------------------
