@@ -123,6 +123,47 @@ def qdlora_step_fn(model, x, target, dev):
     return step
 
 
+def qdlora_graph_step_fn(model, x, target, dev):
+    """The fast step with forward + backward captured in a CUDA graph (toolchain/train/graphs.py); Adam stays eager."""
+    from toolchain.train.graphs import GraphedStep
+
+    params = list(_branch_params(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-5)
+    graphed = GraphedStep(params, lambda xi, ti: (F.mse_loss(model(xi).float(), ti), {}), torch.bfloat16, warmup=2)
+
+    def step():
+        loss, _ = graphed(x, target)
+        opt.step()
+    step.loss = lambda: graphed.static_out[0] if graphed.static_out else None
+    return step
+
+
+def graph_parity(model, x, target, dev) -> dict:
+    """Loss and branch gradients of one replayed CUDA-graph step vs the same step run eagerly (no optimizer step)."""
+    from toolchain.train.graphs import GraphedStep
+
+    params = list(_branch_params(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    graphed = GraphedStep(params, lambda xi, ti: (F.mse_loss(model(xi).float(), ti), {}), torch.bfloat16, warmup=1)
+    graphed(x, target)
+    loss_g = graphed(x, target)[0].detach().clone()
+    grads_g = [p.grad.detach().clone() for p in params]
+    for p in params:
+        p.grad = None
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        loss_e = F.mse_loss(model(x).float(), target)
+    loss_e.backward()
+    num = max(float((a - p.grad).abs().max()) for a, p in zip(grads_g, params))
+    den = max(float(p.grad.abs().max()) for p in params)
+    for p in params:
+        p.grad = None
+    return {"loss_graph": float(loss_g), "loss_eager": float(loss_e), "grad_max_abs_diff": num, "grad_max_abs": den,
+            "grad_max_rel_diff": num / max(den, 1e-30)}
+
+
 def run_preset(name: str, batch: int, args, dev: torch.device, out: Path) -> dict:
     cfg = preset(name)
     g = torch.Generator().manual_seed(0)
@@ -138,23 +179,30 @@ def run_preset(name: str, batch: int, args, dev: torch.device, out: Path) -> dic
     del plain, fp
     gc.collect()
     torch.cuda.empty_cache() if dev.type == "cuda" else None
-    for impl in ("reference", "fast"):
+    impls = [i for i in args.impls.split(",") if i != "graph" or dev.type == "cuda"]
+    if "graph" in impls:
+        row["graph_parity"] = graph_parity(q, x, target, dev)
+        print(name, "graph parity", row["graph_parity"], flush=True)
+    for impl in impls:
         Q.REFERENCE_PATH = impl == "reference"
-        step = qdlora_step_fn(q, x, target, dev)
+        step = (qdlora_graph_step_fn if impl == "graph" else qdlora_step_fn)(q, x, target, dev)
         row[f"qdlora_{impl}"] = timed_steps(step, args.warmup, args.steps, dev)
         (out / f"profile_{name}_qdlora_{impl}.txt").write_text(profile_top(step, dev))
         print(name, impl, row[f"qdlora_{impl}"], flush=True)
     Q.REFERENCE_PATH = False
-    for k in ("reference", "fast"):
+    for k in impls:
         row[f"qdlora_{k}_over_plain"] = row[f"qdlora_{k}"]["median_s"] / row["plain"]["median_s"]
-    row["fast_images_per_s"] = batch / row["qdlora_fast"]["median_s"]
+    best_impl = "graph" if "graph" in impls else "fast"
+    row["best_impl"] = best_impl
+    row["fast_images_per_s"] = batch / row[f"qdlora_{best_impl}"]["median_s"]
     if args.batch_sweep and name == args.batch_sweep:
         sweep = {}
         for b in (1, 2, 4, 8):
             try:
                 xb = x[:1].repeat(b, 1, 1, 1)
                 tb = target[:1].repeat(b, 1, 1, 1)
-                r = timed_steps(qdlora_step_fn(q, xb, tb, dev), 1, max(3, args.steps // 2), dev)
+                fn = qdlora_graph_step_fn if best_impl == "graph" else qdlora_step_fn
+                r = timed_steps(fn(q, xb, tb, dev), 2 if best_impl == "graph" else 1, max(3, args.steps // 2), dev)
                 sweep[b] = {"images_per_s": b / r["median_s"], **r}
                 print(name, "batch", b, sweep[b], flush=True)
             except torch.OutOfMemoryError:
@@ -170,6 +218,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--impls", default="reference,fast,graph", help="QD-LoRA step variants: reference, fast, graph (CUDA graph, GPU only)")
     ap.add_argument("--batch-sweep", default="osdface", help="preset whose fast step is timed at batch 1, 2, 4, 8")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -186,24 +235,25 @@ def main() -> None:
         ok = {b: v for b, v in o["batch_sweep"].items() if isinstance(v, dict)}
         best = max(ok.items(), key=lambda kv: kv[1]["images_per_s"]) if ok else None
     results = {
-        "osdface_qdlora_over_plain_step": o["qdlora_fast_over_plain"] if o else None,
-        "osdface_qdlora_peak_gib": o["qdlora_fast"].get("peak_gib") if o else None,
-        "ref_qdlora_over_plain_step": r["qdlora_fast_over_plain"] if r else None,
+        "osdface_qdlora_over_plain_step": o[f"qdlora_{o['best_impl']}_over_plain"] if o else None,
+        "osdface_qdlora_peak_gib": o[f"qdlora_{o['best_impl']}"].get("peak_gib") if o else None,
+        "ref_qdlora_over_plain_step": r[f"qdlora_{r['best_impl']}_over_plain"] if r else None,
         "ddp_2gpu_speedup": None, "recipe_512_minutes": None, "recipe_512_peak_gib": None,
-        "osdface_qdlora_reference_over_plain_step": o["qdlora_reference_over_plain"] if o else None,
-        "ref_qdlora_reference_over_plain_step": r["qdlora_reference_over_plain"] if r else None,
+        "osdface_qdlora_reference_over_plain_step": o.get("qdlora_reference_over_plain") if o else None,
+        "ref_qdlora_reference_over_plain_step": r.get("qdlora_reference_over_plain") if r else None,
         "osdface_best_batch": {"batch": best[0], **best[1]} if best else None,
         "command": command_line(), "environment": environment(), "rows": rows,
     }
     atomic_write_json(args.out / "results.json", results)
     lines = [f"# QD-LoRA step vs plain training step (same model, same batch, one run)\n", f"Command: `{results['command']}`  ",
              f"Device: {results['environment'].get('gpu') or results['environment'].get('cpu')}\n",
-             "| preset | px | batch | plain step ms (peak GiB) | QD-LoRA reference ms (peak) | QD-LoRA fast ms (peak) | reference / plain | fast / plain |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| preset | px | batch | step | ms (median) | peak GiB | / plain |", "|---|---|---|---|---|---|---|"]
     for n, w in rows.items():
-        f = lambda k: f"{w[k]['median_s'] * 1000:.0f} ({w[k].get('peak_gib', '–')})"  # noqa: E731
-        lines.append(f"| {n} | {w['image_size']} | {w['batch']} | {f('plain')} | {f('qdlora_reference')} | {f('qdlora_fast')} | "
-                     f"{w['qdlora_reference_over_plain']:.2f} | {w['qdlora_fast_over_plain']:.2f} |")
+        for k in ["plain"] + [i for i in ("reference", "fast", "graph") if f"qdlora_{i}" in w]:
+            key = k if k == "plain" else f"qdlora_{k}"
+            ratio = "1" if k == "plain" else f"{w[key + '_over_plain']:.2f}"
+            lines.append(f"| {n} | {w['image_size']} | {w['batch']} | {k if k == 'plain' else 'QD-LoRA ' + k} | "
+                         f"{w[key]['median_s'] * 1000:.0f} | {w[key].get('peak_gib', '–')} | {ratio} |")
     if best:
         lines.append(f"\nBest batch for the fast QD-LoRA step on osdface: {best[0]} → {best[1]['images_per_s']:.2f} images/s "
                      f"(peak {best[1].get('peak_gib', '–')} GiB).")

@@ -124,8 +124,9 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
             part.enable_gradient_checkpointing()
     loss = distillation_loss(lpips_weights, w_perceptual, w_mse)
     try:
-        result = fit(params, lambda step, i: loss(model(batches[i].to(device)), teachers[i].to(device)), len(batches), steps, lr, seed,
-                     device, workdir, desc, checkpoint_every=checkpoint_every, title=f"{desc} distillation loss ({loss.label})")
+        result = fit(params, lambda x, teacher: loss(model(x), teacher), len(batches), steps, lr, seed,
+                     device, workdir, desc, checkpoint_every=checkpoint_every, title=f"{desc} distillation loss ({loss.label})",
+                     inputs=lambda i: (batches[i], teachers[i]))
     finally:
         if gradient_checkpointing:
             for part in (model.unet, model.vae):

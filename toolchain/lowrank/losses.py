@@ -44,13 +44,14 @@ def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.T
 
 
 def distillation_loss(lpips_weights: str | Path | None, w_perceptual: float = 0.5, w_mse: float = 0.5):
-    """loss(student, teacher) → (total, {terms}); images in [-1, 1]."""
+    """loss(student, teacher) → (total, {term: scalar tensor}); images in [-1, 1]."""
     perc, label = perceptual_loss(lpips_weights)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         p = perc(student, teacher)
         m = F.mse_loss(student.float(), teacher.float())
-        return w_perceptual * p + w_mse * m, {"perceptual": float(p.detach()), "mse": float(m.detach())}
+        # logged terms stay tensors (read after the step: no host sync inside a CUDA-graphed step)
+        return w_perceptual * p + w_mse * m, {"perceptual": p.detach(), "mse": m.detach()}
 
     loss.label = f"{w_perceptual}·{label} + {w_mse}·MSE"  # type: ignore[attr-defined]
     return loss

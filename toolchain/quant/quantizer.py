@@ -89,14 +89,18 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        t = torch.round(x / scale).add_(zero_point)
+        t = torch.round(x / scale)
+        if zero_point is not None:  # None: symmetric grid, z = 0 (two kernels fewer)
+            t.add_(zero_point)
         # torch.clamp's gradient is zero *at* the bounds too (strict), so the reference STE passes
         # gradient only strictly inside (qmin, qmax); keep that
         mask = (t > qmin).logical_and_(t < qmax)
         q = t.clamp_(qmin, qmax)
         ctx.save_for_backward(mask, scale)
         ctx.x_dtype = x.dtype
-        return q.sub_(zero_point).mul_(scale)
+        if zero_point is not None:
+            q.sub_(zero_point)
+        return q.mul_(scale)
 
     @staticmethod
     def backward(ctx, g):
@@ -105,14 +109,17 @@ class _FakeQuantSTE(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None, None, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
     """``fake_quantize`` for frozen ``scale`` / ``zero_point`` (no gradient to them): same values,
     same x-gradient, less memory and fewer kernels. x: any float tensor; scale, zero_point
-    broadcastable float32 tensors (scale > 0); qmin < qmax integers. Returns float32 (or x's dtype
-    when wider), like the reference."""
+    broadcastable float32 tensors (scale > 0; ``zero_point`` None for a symmetric grid, z = 0);
+    qmin < qmax integers. Returns float32 (or x's dtype when wider), like the reference."""
     if not torch.is_grad_enabled() or not x.requires_grad:
         with torch.no_grad():
-            return torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+            t = torch.round(x / scale)
+            if zero_point is None:
+                return t.clamp_(qmin, qmax).mul_(scale)
+            return t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
 
 
@@ -217,6 +224,13 @@ class FakeQuantizer(nn.Module):
             else:
                 lo, hi = torch.aminmax(x.detach())
                 lo, hi = lo.reshape(1), hi.reshape(1)
+            if self.spec.symmetric:
+                # qparams_from_range's symmetric branch in 4 kernels instead of 11 (same values:
+                # max(−min(lo, 0), max(hi, 0)) = max(−lo, hi, 0)); the zero point stays 0
+                scale = torch.maximum(lo.neg(), hi).float().clamp_(min=0.0).div_(self.spec.qmax).clamp_(min=_EPS)
+                self.scale.copy_(scale.reshape(self.scale.shape))
+                self._ready = True
+                return scale, None
             scale, zero = qparams_from_range(lo.float(), hi.float(), self.spec)
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero.reshape(self.zero_point.shape))
@@ -254,8 +268,10 @@ class FakeQuantizer(nn.Module):
             scale = broadcast_shape(torch.clamp(scale, min=_EPS), x, self.axis)
             return fake_quantize(x, scale, broadcast_shape(zero, x, self.axis), self.spec.qmin, self.spec.qmax)
         with torch.no_grad():
-            scale = broadcast_shape(torch.clamp(scale, min=_EPS), x, self.axis)
-            zero = broadcast_shape(zero, x, self.axis)
+            if not self.dynamic:  # dynamic scales are clamped where they are computed
+                scale = torch.clamp(scale, min=_EPS)
+            scale = broadcast_shape(scale, x, self.axis)
+            zero = None if self.spec.symmetric else broadcast_shape(zero, x, self.axis)
         return fake_quantize_ste(x, scale, zero, self.spec.qmin, self.spec.qmax)
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:

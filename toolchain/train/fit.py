@@ -32,8 +32,14 @@ def epoch_order(seed: int, n: int) -> Callable[[int], int]:
 def fit(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int, int], tuple[torch.Tensor, dict[str, float]]], n_batches: int,
         steps: int, lr: float, seed: int, device: torch.device, workdir: Path | None, desc: str,
         lr_schedule: str = "constant", milestones: tuple[int, ...] = (), grad_clip: float | None = None,
-        checkpoint_every: int = 50, title: str | None = None) -> dict[str, Any]:
-    """Minimise ``loss_fn(step, batch_index)`` over ``params``; returns a summary with a thinned history."""
+        checkpoint_every: int = 50, title: str | None = None,
+        inputs: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> dict[str, Any]:
+    """Minimise ``loss_fn(step, batch_index)`` over ``params``; returns a summary with a thinned history.
+
+    With ``inputs`` (batch index → tuple of tensors, same shapes for every index), ``loss_fn`` is
+    called as ``loss_fn(*tensors)`` instead (tensors on ``device``; logged terms as tensors, no host
+    sync): on CUDA that step is captured once in a CUDA graph and replayed (toolchain/train/graphs.py).
+    """
     if not params or steps <= 0:
         return {"trained_parameters": 0, "steps": 0}
     for p in params.values():
@@ -43,7 +49,11 @@ def fit(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int, int], tup
     work = Path(workdir) if workdir is not None else Path(scratch.name)
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every, grad_clip=grad_clip,
                       lr_schedule=lr_schedule, milestones=milestones)
-    trainer = Trainer(params, lambda step, _: loss_fn(step, index(step)), lambda step: None, work, cfg, device, desc=desc)
+    if inputs is None:
+        trainer = Trainer(params, lambda step, _: loss_fn(step, index(step)), lambda step: None, work, cfg, device, desc=desc)
+    else:
+        trainer = Trainer(params, lambda step, batch: loss_fn(*(t.to(device) for t in batch)), lambda step: inputs(index(step)), work, cfg,
+                          device, desc=desc, tensor_loss=loss_fn)
     try:
         history = trainer.run()
         if history and scratch is None:

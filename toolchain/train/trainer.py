@@ -14,9 +14,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from toolchain.errors import CheckpointError
+from toolchain.errors import CheckpointError, ConfigError
 from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
 
 
@@ -41,6 +42,9 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     warmup: int = 0
     max_seconds: float | None = None  # stop early (checkpointed) when the wall-clock budget is spent
+    # auto: capture forward+backward in a CUDA graph on CUDA when the loss takes tensors; on | off
+    # (default from the environment variable TOOLCHAIN_CUDA_GRAPH, e.g. =off to debug a step eagerly)
+    cuda_graph: str = field(default_factory=lambda: os.environ.get("TOOLCHAIN_CUDA_GRAPH", "auto"))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,6 +96,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         desc: str = "training",
         param_groups: list[dict[str, Any]] | None = None,
+        tensor_loss: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None = None,
     ):
         self.params = params
         self.loss_fn = loss_fn
@@ -110,6 +115,18 @@ class Trainer:
             amp = "bf16" if self.device.type == "cuda" else "off"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        if config.cuda_graph not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graph must be auto, on or off (TOOLCHAIN_CUDA_GRAPH), got {config.cuda_graph!r}")
+        # CUDA graph: batch_fn(step) returns a tuple of tensors and tensor_loss(*tensors) is the
+        # step's loss (no host sync inside, same shapes every step) — see toolchain/train/graphs.py
+        self.graphed = None
+        use_graph = config.cuda_graph == "on" or (config.cuda_graph == "auto" and self.device.type == "cuda")
+        if tensor_loss is not None and use_graph and self.scaler is None:
+            if self.device.type != "cuda":
+                raise ConfigError("cuda_graph=on (TOOLCHAIN_CUDA_GRAPH) needs a CUDA device")
+            from toolchain.train.graphs import GraphedStep
+
+            self.graphed = GraphedStep(list(params.values()), tensor_loss, self.amp_dtype)
 
     def _lr_factor(self, step: int) -> float:
         f = 1.0
@@ -171,16 +188,21 @@ class Trainer:
         t0 = time.perf_counter()
         while self.step < self.cfg.steps:
             batch = self.batch_fn(self.step)
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss, logs = self.loss_fn(self.step, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
+            if self.graphed is not None:  # zero grads + forward + backward, replayed (the grads are static buffers)
+                loss, logs = self.graphed(*(t.to(self.device, non_blocking=True) for t in batch))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
             else:
-                loss.backward()
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, logs = self.loss_fn(self.step, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.optimizer)
+                else:
+                    loss.backward()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], self.cfg.grad_clip)
             if self.scaler is not None:
