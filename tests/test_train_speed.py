@@ -1,7 +1,8 @@
 """The training-speed paths (issue: QD-LoRA step within 2× of plain training) against their references.
 
 CPU: the one-GEMM form of the online Hadamard balancing equals the factored fast transform, and the
-tensor-input protocol of ``fit`` (which the CUDA graph needs) trains exactly like the index protocol.
+tensor-batch protocol of ``fit`` (which the CUDA graph and the data-parallel shards need) trains exactly like
+the index protocol.
 CUDA (skipped without a GPU; run on the H200 machine, see benchmarks/results/recipe_speed): a QD-LoRA
 run with its forward + backward captured in a CUDA graph follows the eager run, and the GPU-only
 shortcuts (dense Hadamard, no float16 round trip under autocast) keep the model's output.
@@ -64,15 +65,15 @@ def test_fit_tensor_inputs_train_like_the_index_protocol(tiny_model_path):
     batches = tiny_batches(3, seed=2)
     targets = [b.flip(-1) for b in batches]
     runs = []
-    for protocol in ("index", "tensors"):
+    for protocol in ("index", "batches"):
         model = _qdlora_model(tiny_model_path)
         params = _branch_params(model)
         if protocol == "index":
             res = fit(params, lambda step, i: (torch.nn.functional.mse_loss(model(batches[i]), targets[i]), {}), 3, 5, 1e-3, 0,
                       torch.device("cpu"), None, "t")
         else:
-            res = fit(params, lambda x, t: (torch.nn.functional.mse_loss(model(x), t), {}), 3, 5, 1e-3, 0,
-                      torch.device("cpu"), None, "t", inputs=lambda i: (batches[i], targets[i]))
+            res = fit(params, lambda step, b: (torch.nn.functional.mse_loss(model(b[0]), b[1]), {}), 3, 5, 1e-3, 0,
+                      torch.device("cpu"), None, "t", batches=lambda i: (batches[i], targets[i]), graphable=True)
         runs.append((res, {k: p.detach().clone() for k, p in params.items()}))
     (a, pa), (b, pb) = runs
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
@@ -136,8 +137,8 @@ def test_cuda_graph_in_fit_trains(tiny_model_path, monkeypatch):
         monkeypatch.setenv("TOOLCHAIN_CUDA_GRAPH", mode)
         model = _qdlora_model(tiny_model_path).cuda()
         params = _branch_params(model)
-        res = fit(params, lambda x, t: (torch.nn.functional.mse_loss(model(x).float(), t), {}), 3, 9, 1e-3, 0,
-                  torch.device("cuda"), None, "t", inputs=lambda i: (batches[i], targets[i]))
+        res = fit(params, lambda step, b: (torch.nn.functional.mse_loss(model(b[0]).float(), b[1]), {}), 3, 9, 1e-3, 0,
+                  torch.device("cuda"), None, "t", batches=lambda i: (batches[i], targets[i]), graphable=True)
         runs[mode] = [h["loss"] for h in res["history"]]
     eager, graphed = runs["off"], runs["on"]
     assert len(graphed) == 9 and all(map(lambda v: v == v, graphed))

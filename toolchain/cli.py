@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     with _InterruptWatch() as watch:
         try:
             args = build_parser().parse_args(argv)
+            args.argv = argv  # the command line as given (``--nproc-per-node`` re-launches it through torchrun)
             verbose = verbose or bool(getattr(args, "verbose", False))
             status = int(args.func(args) or 0)
         except KeyboardInterrupt:

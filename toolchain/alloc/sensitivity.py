@@ -12,6 +12,10 @@ Metrics (``--metric``; ``auto`` picks the first whose weights are present):
 
 Results are cached one JSON file per layer under ``<out>/sensitivity/``; a rerun skips finished
 layers, and ``workers > 1`` splits the layers across processes (one GPU each where available).
+Under torchrun (``toolchain.distributed``) the layers still to do are split across the ranks
+instead (rank r takes every world-th one, on ``cuda:LOCAL_RANK`` with CUDA); each rank writes its
+layers' cache files and the results are gathered on every rank with ``all_gather_object``; rank 0
+alone clears a stale cache and writes ``sensitivity.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from toolchain import distributed as D
 from toolchain.alloc.common import activation_layers, quantizer_at_bits, swapped_input_quantizer
 from toolchain.errors import ConfigError, MissingWeightsError
 from toolchain.io.atomic import atomic_write_json
@@ -147,20 +152,26 @@ def _worker(args) -> None:
 
 
 def run_sensitivity(ckpt: Path, calib: Path, out: Path, settings: SweepSettings, workers: int = 1, device: str = "cpu") -> dict:
-    """Sweep every activation layer (resumable, optionally in parallel); returns {layer: result}."""
+    """Sweep every activation layer (resumable, optionally in parallel); returns {layer: result}.
+
+    ``workers > 1`` uses a local process pool; under torchrun the ranks share the layers instead (see
+    the module docstring) and every rank returns the whole result."""
     from toolchain.quant.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(ckpt)
     names = [n for n, d in meta["layers"].items() if d.get("a_bits")]
     cache = out / "sensitivity"
-    cache.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(ckpt, calib, settings)
-    stamp = cache / "_settings.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fp:
-        for f in cache.glob("*.json"):
-            f.unlink()  # different checkpoint, data or settings: cached results do not apply
-    atomic_write_json(stamp, {"fingerprint": fp, "settings": asdict(settings), "checkpoint": str(ckpt), "calib": str(calib)})
     t0 = time.perf_counter()
+    if D.is_main():
+        cache.mkdir(parents=True, exist_ok=True)
+        fp = _fingerprint(ckpt, calib, settings)
+        stamp = cache / "_settings.json"
+        if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") != fp:
+            for f in cache.glob("*.json"):
+                f.unlink()  # different checkpoint, data or settings: cached results do not apply
+        atomic_write_json(stamp, {"fingerprint": fp, "settings": asdict(settings), "checkpoint": str(ckpt), "calib": str(calib)})
+    if D.active():
+        return _run_sharded(ckpt, calib, out, names, settings, cache, device, t0)
     if workers <= 1:
         sweep_layers(ckpt, calib, names, settings, cache, device)
     else:
@@ -179,6 +190,32 @@ def run_sensitivity(ckpt: Path, calib: Path, out: Path, settings: SweepSettings,
                     bar.refresh()
             result.get()
     results = {n: json.loads((cache / f"{n}.json").read_text()) for n in names}
+    _write_summary(out, settings, results, t0)
+    return results
+
+
+def _run_sharded(ckpt: Path, calib: Path, out: Path, names: list[str], settings: SweepSettings, cache: Path, device: str,
+                 t0: float) -> dict:
+    """The sweep under torchrun: rank 0 lists the layers still to do, each rank sweeps its share, all gather."""
+    todo = D.broadcast_object([n for n in names if not (cache / f"{n}.json").is_file()] if D.is_main() else None)
+    mine = todo[D.rank()::D.world_size()]
+    if mine:
+        sweep_layers(ckpt, calib, mine, settings, cache, device, progress=D.is_main())
+    local = {n: json.loads((cache / f"{n}.json").read_text()) for n in mine}
+    results: dict = {}
+    for part in D.all_gather(local):
+        results.update(part)
+    if D.is_main():
+        for n in names:
+            if n not in results:  # done by an earlier run
+                results[n] = json.loads((cache / f"{n}.json").read_text())
+    results = D.broadcast_object({n: results[n] for n in names} if D.is_main() else None)
+    if D.is_main():
+        _write_summary(out, settings, results, t0)
+    D.barrier()
+    return results
+
+
+def _write_summary(out: Path, settings: SweepSettings, results: dict, t0: float) -> None:
     atomic_write_json(out / "sensitivity.json", {"settings": asdict(settings), "seconds_this_run": round(time.perf_counter() - t0, 1),
                                                  "metric": next(iter(results.values()))["metric"] if results else None, "layers": results})
-    return results

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from toolchain.commands.common import finite_float, positive_int
+from toolchain.commands.common import add_nproc_arg, finite_float, maybe_relaunch, positive_int
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def _sens_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bits", type=int, default=8)
     p.add_argument("--workers", type=positive_int, default=1, help="parallel processes (one GPU each when available)")
     p.add_argument("--weights-dir", type=Path, default=None, help="metric backbone weights (LPIPS AlexNet, Inception)")
+    add_nproc_arg(p)
 
 
 def _err_args(p: argparse.ArgumentParser) -> None:
@@ -63,23 +64,47 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is an existing file; allocate writes a folder (caches, mp_table.json, plots)")
     check_not_input(out, [getattr(args, "checkpoint", None), getattr(args, "calib", None)], replaced_whole=False)
-    with output_lock(out):
-        return _run_locked(args, out)
+    status = maybe_relaunch(args)
+    if status is not None:
+        return status
+    import contextlib
+
+    from toolchain import distributed as D
+    from toolchain.defaults import device_from_arg
+
+    if not D.launched():
+        with output_lock(out):
+            return _run_locked(args, out)
+    # under torchrun: the sweep is sharded over the ranks; the error table and the solve run on rank 0
+    with D.session(device_from_arg(getattr(args, "device", "auto"))) as device:
+        args.device = str(device)
+        with output_lock(out) if D.is_main() else contextlib.nullcontext():
+            D.barrier()
+            try:
+                if args.stage in ("sensitivity", "all"):
+                    _run_locked(args, out, stages=("sensitivity",), quiet=not D.is_main())
+                if D.is_main():
+                    _run_locked(args, out, stages=("errors", "solve"))
+            finally:
+                D.barrier()
+    return 0
 
 
-def _run_locked(args: argparse.Namespace, out: Path) -> int:
+def _run_locked(args: argparse.Namespace, out: Path, stages: tuple[str, ...] = ("sensitivity", "errors", "solve"),
+                quiet: bool = False) -> int:
     from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
     from toolchain.io.atomic import atomic_write_json
 
-    if args.stage in ("sensitivity", "all"):
+    if args.stage in ("sensitivity", "all") and "sensitivity" in stages:
         from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
         from toolchain.defaults import device_from_arg
 
         settings = SweepSettings(metric=args.metric, epsilon=args.epsilon, start_bits=args.start_bits, max_bits=args.max_bits,
                                  images=args.images, weights_dir=str(args.weights_dir) if args.weights_dir else None)
         res = run_sensitivity(args.checkpoint, args.calib, out, settings, args.workers, str(device_from_arg(args.device)))
-        print(f"sensitivity: {len(res)} layers, metric {next(iter(res.values()))['metric'] if res else '-'} -> {out / 'sensitivity.json'}")
-    if args.stage in ("errors", "all"):
+        if not quiet:
+            print(f"sensitivity: {len(res)} layers, metric {next(iter(res.values()))['metric'] if res else '-'} -> {out / 'sensitivity.json'}")
+    if args.stage in ("errors", "all") and "errors" in stages:
         from toolchain.alloc.errors import error_table
         from toolchain.defaults import device_from_arg
 
@@ -88,7 +113,7 @@ def _run_locked(args: argparse.Namespace, out: Path) -> int:
         table["checkpoint"] = str(args.checkpoint)
         atomic_write_json(out / "errors.json", table)
         print(f"error table: {len(table['layers'])} layers x bits {bits} -> {out / 'errors.json'}")
-    if args.stage in ("solve", "all"):
+    if args.stage in ("solve", "all") and "solve" in stages:
         from toolchain.errors import ConfigError
 
         if not (out / "errors.json").is_file():

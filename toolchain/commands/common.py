@@ -68,3 +68,35 @@ def load_any_model(args: argparse.Namespace, device):
         model, _ = load_quantized(args.checkpoint, device)
         return model
     return load_model(resolve_model_path(args.model), args.preset).to(device)
+
+
+def add_nproc_arg(p: argparse.ArgumentParser) -> None:
+    """--nproc-per-node: re-launch this command as N data-parallel ranks through torchrun."""
+    p.add_argument("--nproc-per-node", type=positive_int, default=None, metavar="N",
+                   help="run as N processes on this machine (one GPU each on CUDA, gloo on the CPU) by re-launching "
+                        "through torchrun; same as `torchrun --nproc-per-node N -m toolchain ...`")
+
+
+def maybe_relaunch(args: argparse.Namespace) -> int | None:
+    """If ``--nproc-per-node N`` (N > 1) was given outside torchrun, run the same command line as N ranks
+    through ``torch.distributed.run`` and return its exit status; else None (run here).
+
+    Under torchrun, an ``--nproc-per-node`` that disagrees with the launched ranks is a UsageError."""
+    import os
+
+    from toolchain.errors import UsageError
+
+    n = getattr(args, "nproc_per_node", None)
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        if n is not None and n != int(os.environ["LOCAL_WORLD_SIZE"]):
+            raise UsageError(f"--nproc-per-node {n} disagrees with torchrun's {os.environ['LOCAL_WORLD_SIZE']} processes per node; "
+                             "give it to one of them only")
+        return None
+    if n is None or n == 1:
+        return None
+    from toolchain import distributed
+
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        raise UsageError("--nproc-per-node needs the command line (run through `toolchain ...`), or start with torchrun")
+    return distributed.relaunch(n, list(argv))

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from toolchain.commands.common import positive_int
-from toolchain.commands.common import add_model_args, add_overwrite_arg, add_runtime_args, resolve_model_path
+from toolchain.commands.common import add_model_args, add_nproc_arg, add_overwrite_arg, add_runtime_args, maybe_relaunch, resolve_model_path
 from toolchain.errors import ConfigError
 
 
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "run resumes only when model, calibration set and settings are unchanged")
     add_overwrite_arg(p)
     add_runtime_args(p)
+    add_nproc_arg(p)
     p.set_defaults(func=run)
 
 
@@ -113,19 +114,42 @@ def run_inputs(args: argparse.Namespace, cfg, model_path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from toolchain import distributed as D
+    from toolchain.defaults import device_from_arg
     from toolchain.io.outputs import check_output_dir, output_lock
     from toolchain.quant.checkpoint import is_checkpoint
 
     model_path = resolve_model_path(args.model)
     check_output_dir(args.out, "quantized checkpoint", is_checkpoint, inputs=[model_path, args.calib, args.config, args.mp_table],
                      overwrite=args.overwrite)
-    with output_lock(args.out):
-        return _run_locked(args, model_path)
+    if getattr(args, "nproc_per_node", None) not in (None, 1) and not D.launched():
+        get_method_checked(args)  # bad method parameters: one error line here, not one per rank
+    status = maybe_relaunch(args)
+    if status is not None:
+        return status
+    with D.session(device_from_arg(args.device)) as device:
+        with output_lock(args.out) if D.is_main() else contextlib.nullcontext():  # rank 0 writes; the others wait for it
+            D.barrier()
+            return _run_locked(args, model_path, device)
 
 
-def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
+def get_method_checked(args: argparse.Namespace) -> None:
+    from toolchain.methods.registry import get_method
+
+    cfg = build_config(args)
+    get_method(cfg.method, cfg.params)
+
+
+def _run_locked(args: argparse.Namespace, model_path: Path, device) -> int:
+    """The quantization itself; under torchrun every rank runs it (training is data-parallel) and rank 0
+    alone writes the work folder's records, the checkpoint and the summary line."""
+    import tempfile
+
+    from toolchain import distributed as D
+
     from calibration.dataset import CalibrationSet
-    from toolchain.defaults import device_from_arg
     from toolchain.io.resume import prepare_workdir
     from toolchain.methods.registry import MethodContext, get_method
     from toolchain.models.storage import load_model
@@ -135,15 +159,28 @@ def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
 
     cfg = build_config(args)
     get_method(cfg.method, cfg.params)  # validate method and params before any heavy work
-    device = device_from_arg(args.device)
     model = load_model(model_path, args.preset).to(device)
     cfg.check_matches([n for n, _ in quantizable_layers(model)], cfg.rule_sources)
     data = CalibrationSet.open(args.calib)
     batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
     workdir = args.out.parent / f".{args.out.name}.work"
-    prepare_workdir(workdir, run_inputs(args, cfg, model_path))
-    ctx = MethodContext(lq_batches=batches, workdir=workdir, device=device, seed=args.seed)
-    summary = quantize_(model, cfg, ctx)
+    scratch = None
+    if D.is_main():
+        prepare_workdir(workdir, run_inputs(args, cfg, model_path))
+    else:  # other ranks keep their (identical) intermediate state privately; training state comes from rank 0
+        scratch = tempfile.TemporaryDirectory(prefix=f"toolchain-rank{D.rank()}-")
+    D.barrier()
+    ctx = MethodContext(lq_batches=batches, workdir=workdir if scratch is None else Path(scratch.name), device=device, seed=args.seed)
+    try:
+        summary = quantize_(model, cfg, ctx)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    if not D.is_main():
+        D.barrier()  # wait until rank 0 has written the checkpoint
+        return 0
+    if D.world_size() > 1:
+        summary["processes"] = D.world_size()
     summary["source_model"] = str(Path(model_path).resolve())
     summary["source_model_sha256"] = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if Path(model_path).is_file() else None
     summary["calibration_set"] = str(args.calib.resolve())
@@ -154,7 +191,10 @@ def _run_locked(args: argparse.Namespace, model_path: Path) -> int:
         table = load_table(args.mp_table)
         summary["mp_table"] = {"path": str(args.mp_table.resolve()), "average_a_bits": table["average_a_bits"],
                                "cost_model": table["cost_model"], "budget": table["budget"]}
-    save_quantized(model.cpu(), cfg, args.out, summary)
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        save_quantized(model.cpu(), cfg, args.out, summary)
+        shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        D.barrier()
     print(f"{cfg.method} {cfg.bits_label}: {summary.get('quantized_layers', '?')} layers quantized in {summary['seconds']} s -> {args.out}")
     return 0

@@ -106,10 +106,17 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
     Targets are the float model's restored images (the same network with every quantizer off,
     before any branch training, when the LoRA part is still zero); the weight quantizers follow
     the residual W − L1·L2 as it changes (dynamic min-max), activation ranges stay as calibrated.
+
+    Under torchrun (``toolchain.distributed``) every rank holds the whole model, takes its rows of
+    each calibration batch and the branch gradients are summed over ranks; the model's parameters
+    and buffers (weights, branches, quantizer ranges) are first made rank 0's on every rank.
     """
     from toolchain.lowrank.losses import distillation_loss
     from toolchain.train.fit import fit
 
+    from toolchain import distributed as D
+
+    D.broadcast_module(model)
     teachers = fp_targets(model, batches, device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,9 +131,9 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
             part.enable_gradient_checkpointing()
     loss = distillation_loss(lpips_weights, w_perceptual, w_mse)
     try:
-        result = fit(params, lambda x, teacher: loss(model(x), teacher), len(batches), steps, lr, seed,
+        result = fit(params, lambda step, b: loss(model(b[0].to(device)), b[1].to(device)), len(batches), steps, lr, seed,
                      device, workdir, desc, checkpoint_every=checkpoint_every, title=f"{desc} distillation loss ({loss.label})",
-                     inputs=lambda i: (batches[i], teachers[i]))
+                     batches=lambda i: (batches[i], teachers[i]), graphable=True)
     finally:
         if gradient_checkpointing:
             for part in (model.unet, model.vae):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from toolchain import distributed as D
 from toolchain.lowrank.compensate import attach_branches, fp_targets
 from toolchain.lowrank.branch import merge_branch
 from toolchain.methods.common import keep_first_last_8bit
@@ -82,14 +83,15 @@ class EfficientDM(QuantMethod):
         params = lora_and_scale_params(model)
         loss = distillation_loss(p.lpips_weights, p.w_perceptual, p.w_mse) if p.w_perceptual > 0 else None
 
-        def loss_fn(step: int, i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            out, target = model(ctx.lq_batches[i].to(ctx.device)), teachers[i].to(ctx.device)
+        def loss_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            out, target = model(batch[0].to(ctx.device)), batch[1].to(ctx.device)
             if loss is None:
                 return torch.nn.functional.mse_loss(out, target), {}
             return loss(out, target)
 
+        D.broadcast_module(model)  # under torchrun: every rank trains from rank 0's state
         result = fit(params, loss_fn, len(ctx.lq_batches), p.train_steps, p.lr, ctx.seed, ctx.device, ctx.state_dir("efficientdm"),
-                     "EfficientDM", checkpoint_every=p.checkpoint_every)
+                     "EfficientDM", checkpoint_every=p.checkpoint_every, batches=lambda i: (ctx.lq_batches[i], teachers[i]))
         merged = 0
         for _, layer in quant_layers(model):
             if layer.lowrank is not None:

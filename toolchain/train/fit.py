@@ -2,7 +2,8 @@
 
 Every trained quantization method (QD-LoRA, PassionSR, EfficientDM, Q-Diffusion, QArtSR) goes
 through here, so all of them resume after an interruption, show progress, are deterministic
-under a seed and leave a loss curve.
+under a seed and leave a loss curve. Under torchrun the Trainer runs data-parallel (rank 0 writes
+the loss curve); methods that pass ``batches`` have every global batch split across the ranks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from toolchain import distributed as D
 from toolchain.train.trainer import TrainConfig, Trainer, plot_loss_curve
 
 
@@ -32,14 +34,17 @@ def epoch_order(seed: int, n: int) -> Callable[[int], int]:
 def fit(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int, int], tuple[torch.Tensor, dict[str, float]]], n_batches: int,
         steps: int, lr: float, seed: int, device: torch.device, workdir: Path | None, desc: str,
         lr_schedule: str = "constant", milestones: tuple[int, ...] = (), grad_clip: float | None = None,
-        checkpoint_every: int = 50, title: str | None = None,
-        inputs: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> dict[str, Any]:
+        checkpoint_every: int = 50, title: str | None = None, batches: Callable[[int], Any] | None = None,
+        graphable: bool = False) -> dict[str, Any]:
     """Minimise ``loss_fn(step, batch_index)`` over ``params``; returns a summary with a thinned history.
 
-    With ``inputs`` (batch index → tuple of tensors, same shapes for every index), ``loss_fn`` is
-    called as ``loss_fn(*tensors)`` instead (tensors on ``device``; logged terms as tensors, no host
-    sync): on CUDA that step is captured once in a CUDA graph and replayed (toolchain/train/graphs.py).
-    """
+    With ``batches`` (batch index → a tensor or tuple of tensors, sample axis first, e.g. inputs and
+    targets), ``loss_fn`` receives ``(step, batch)`` instead, and the loss must be a mean over the
+    samples: under torchrun each rank then gets only its rows of the batch (data parallelism with
+    the 1-process result). Without it every rank computes whole batches. ``graphable`` (with
+    ``batches`` giving a tuple of tensors of fixed shapes): the loss ignores ``step``, never syncs with
+    the host and logs tensors, so on CUDA the step is captured once in a CUDA graph and replayed
+    (toolchain/train/graphs.py; ``TOOLCHAIN_CUDA_GRAPH=off`` runs it eagerly)."""
     if not params or steps <= 0:
         return {"trained_parameters": 0, "steps": 0}
     for p in params.values():
@@ -49,14 +54,14 @@ def fit(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int, int], tup
     work = Path(workdir) if workdir is not None else Path(scratch.name)
     cfg = TrainConfig(steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every, grad_clip=grad_clip,
                       lr_schedule=lr_schedule, milestones=milestones)
-    if inputs is None:
+    if batches is None:
         trainer = Trainer(params, lambda step, _: loss_fn(step, index(step)), lambda step: None, work, cfg, device, desc=desc)
     else:
-        trainer = Trainer(params, lambda step, batch: loss_fn(*(t.to(device) for t in batch)), lambda step: inputs(index(step)), work, cfg,
-                          device, desc=desc, tensor_loss=loss_fn)
+        trainer = Trainer(params, loss_fn, lambda step: batches(index(step)), work, cfg, device, desc=desc, shardable=True,
+                          graphable=graphable)
     try:
         history = trainer.run()
-        if history and scratch is None:
+        if history and scratch is None and D.is_main():
             plot_loss_curve(history, work / "loss_curve.png", title or desc)
     finally:
         for p in params.values():

@@ -7,6 +7,15 @@ PNG, mixed precision on GPU — and nothing else.
 
 Determinism across resume: the batch of step ``s`` must be a pure function of ``s`` (the
 ``batch_fn`` contract), and the RNG states are saved with the checkpoint.
+
+Data parallelism (under ``torchrun``, see ``toolchain.distributed``): with ``shardable=True`` each
+rank takes its rows of the global batch (``shard_rows``: the global batch is the 1-process batch),
+computes the loss on them, weights it by its share of the samples and the gradients are summed
+over the ranks — for a loss that is a mean over samples that is exactly the 1-process gradient,
+uneven shards included. Without ``shardable`` every rank computes the whole batch and gradients
+are averaged (correct, no speed-up). Rank 0 alone writes checkpoints, ``history.json`` and shows
+progress; on resume it reads the checkpoint and broadcasts it, so every rank continues from the
+same state. Nothing of this runs in a single process.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from toolchain import distributed as D
 from toolchain.errors import CheckpointError, ConfigError
 from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
 
@@ -42,7 +52,7 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     warmup: int = 0
     max_seconds: float | None = None  # stop early (checkpointed) when the wall-clock budget is spent
-    # auto: capture forward+backward in a CUDA graph on CUDA when the loss takes tensors; on | off
+    # auto: capture forward+backward in a CUDA graph on CUDA for losses marked graphable; on | off
     # (default from the environment variable TOOLCHAIN_CUDA_GRAPH, e.g. =off to debug a step eagerly)
     cuda_graph: str = field(default_factory=lambda: os.environ.get("TOOLCHAIN_CUDA_GRAPH", "auto"))
 
@@ -84,6 +94,11 @@ class Trainer:
 
     ``loss_fn`` returns (loss tensor, dict of floats to log). ``state`` names the tensors to
     checkpoint (usually the trainable parameters plus any buffers they depend on).
+
+    ``shardable``: ``batch_fn(step)`` returns a tensor or a tuple/list of tensors whose first
+    dimension is the sample axis (all of one length), and the loss is a mean over samples; under
+    torchrun each rank then passes only its rows to ``loss_fn`` (a rank with no rows contributes
+    nothing). Raises ValueError when the tensors of a batch disagree on the number of samples.
     """
 
     def __init__(
@@ -96,7 +111,8 @@ class Trainer:
         device: torch.device | str = "cpu",
         desc: str = "training",
         param_groups: list[dict[str, Any]] | None = None,
-        tensor_loss: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None = None,
+        shardable: bool = False,
+        graphable: bool = False,
     ):
         self.params = params
         self.loss_fn = loss_fn
@@ -105,6 +121,7 @@ class Trainer:
         self.cfg = config
         self.device = torch.device(device)
         self.desc = desc
+        self.shardable = shardable
         groups = param_groups or [{"params": list(params.values())}]
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay) if config.weight_decay else torch.optim.Adam(groups, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -117,16 +134,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         if config.cuda_graph not in ("auto", "on", "off"):
             raise ConfigError(f"cuda_graph must be auto, on or off (TOOLCHAIN_CUDA_GRAPH), got {config.cuda_graph!r}")
-        # CUDA graph: batch_fn(step) returns a tuple of tensors and tensor_loss(*tensors) is the
-        # step's loss (no host sync inside, same shapes every step) — see toolchain/train/graphs.py
+        # CUDA graph (toolchain/train/graphs.py): for a graphable loss — batch_fn(step) gives a tuple of
+        # tensors, loss_fn(step, batch) ignores ``step``, never syncs with the host and logs tensors
         self.graphed = None
         use_graph = config.cuda_graph == "on" or (config.cuda_graph == "auto" and self.device.type == "cuda")
-        if tensor_loss is not None and use_graph and self.scaler is None:
+        if graphable and use_graph and self.scaler is None:
             if self.device.type != "cuda":
                 raise ConfigError("cuda_graph=on (TOOLCHAIN_CUDA_GRAPH) needs a CUDA device")
             from toolchain.train.graphs import GraphedStep
 
-            self.graphed = GraphedStep(list(params.values()), tensor_loss, self.amp_dtype)
+            self.graphed = GraphedStep(list(params.values()), lambda *batch: self.loss_fn(-1, batch), self.amp_dtype)
 
     def _lr_factor(self, step: int) -> float:
         f = 1.0
@@ -144,6 +161,9 @@ class Trainer:
         return self.workdir / "trainer_state.pt"
 
     def save(self) -> None:
+        """Write the checkpoint and ``history.json`` atomically (rank 0 only; a no-op on other ranks)."""
+        if not D.is_main():
+            return
         state = {
             "step": self.step,
             "params": {k: v.detach().cpu() for k, v in self.params.items()},
@@ -158,13 +178,30 @@ class Trainer:
         atomic_write_bytes(self.ckpt_path, buf.getvalue())
         atomic_write_json(self.workdir / "history.json", self.history)
 
-    def try_resume(self) -> bool:
+    def _load_state(self) -> dict[str, Any] | None:
         if not self.ckpt_path.is_file():
-            return False
+            return None
         try:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt state file must not be silently ignored
             raise CheckpointError(f"cannot resume from {self.ckpt_path}: {str(exc).splitlines()[0][:200]}; delete it to start over") from None
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint if there is one (under torchrun: rank 0's, broadcast to every rank)."""
+        if D.active():
+            err, state = None, None
+            if D.is_main():
+                try:
+                    state = self._load_state()
+                except CheckpointError as exc:
+                    err = str(exc)
+            err, state = D.broadcast_object((err, state))
+            if err is not None:
+                raise CheckpointError(err)
+        else:
+            state = self._load_state()
+        if state is None:
+            return False
         if set(state["params"]) != set(self.params) or any(v.shape != self.params[k].shape for k, v in state["params"].items()):
             raise CheckpointError(f"{self.ckpt_path} was written for different trainable parameters; delete it to start over")
         with torch.no_grad():
@@ -179,21 +216,29 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> list[dict[str, float]]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        main = D.is_main()
+        if main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.try_resume():
             seed_everything(self.cfg.seed)
-        else:
+        elif main:
             tqdm.write(f"{self.desc}: resuming at step {self.step}/{self.cfg.steps} from {self.ckpt_path}")
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, leave=False)
+        if D.active():
+            D.broadcast_tensors(self.params.values())  # one starting point, whatever each rank computed before
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, leave=False, disable=not main)
         t0 = time.perf_counter()
         while self.step < self.cfg.steps:
             batch = self.batch_fn(self.step)
-            if self.graphed is not None:  # zero grads + forward + backward, replayed (the grads are static buffers)
+            if self.graphed is None:
+                self.optimizer.zero_grad(set_to_none=True)  # (a graphed step zeroes its static grads itself)
+            if D.active():
+                loss, logs, stop = self._distributed_step(batch, t0)
+            elif self.graphed is not None:  # zero grads + forward + backward, replayed
                 loss, logs = self.graphed(*(t.to(self.device, non_blocking=True) for t in batch))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{self.desc}: loss is {loss.item()} at step {self.step}")
+                stop = None
             else:
-                self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss, logs = self.loss_fn(self.step, batch)
                 if not torch.isfinite(loss):
@@ -203,6 +248,7 @@ class Trainer:
                     self.scaler.unscale_(self.optimizer)
                 else:
                     loss.backward()
+                stop = None
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], self.cfg.grad_clip)
             if self.scaler is not None:
@@ -212,19 +258,70 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            record = {"step": self.step, "loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}, "lr": self.scheduler.get_last_lr()[0]}
+            record = {"step": self.step, "loss": float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss),
+                      **{k: float(v) for k, v in logs.items()}, "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             bar.update(1)
-            out_of_time = self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds
+            out_of_time = stop if stop is not None else (self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time:
                 self.save()
             if out_of_time:
-                tqdm.write(f"{self.desc}: wall-clock budget of {self.cfg.max_seconds:.0f} s spent, stopping at step {self.step}")
+                if main:
+                    tqdm.write(f"{self.desc}: wall-clock budget of {self.cfg.max_seconds:.0f} s spent, stopping at step {self.step}")
                 break
         bar.close()
+        D.barrier()  # the last checkpoint is on disk before any rank goes on
         self.elapsed = time.perf_counter() - t0
         return self.history
+
+    def _distributed_step(self, batch: Any, t0: float) -> tuple[float, dict[str, float], bool]:
+        """Forward/backward of this rank's share, gradients summed over ranks; returns the global loss,
+        the global logged terms and whether to stop (rank 0's wall clock decides, for every rank)."""
+        world = D.world_size()
+        if self.shardable:
+            tensors = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+            sizes = {int(t.shape[0]) for t in tensors if isinstance(t, torch.Tensor)}
+            if len(sizes) != 1:
+                raise ValueError(f"{self.desc}: a shardable batch needs tensors with one common first dimension, got sizes {sorted(sizes)}")
+            n = sizes.pop()
+            rows = D.shard_rows(n)
+            part = [t[rows] if isinstance(t, torch.Tensor) else t for t in tensors]
+            local = type(batch)(part) if isinstance(batch, (tuple, list)) else part[0]
+            weight, empty = (rows.stop - rows.start) / n, rows.stop == rows.start
+        else:
+            local, weight, empty = batch, 1.0 / world, False
+        loss = None
+        logs: dict[str, float] = {}
+        if self.graphed is not None:
+            if not empty:  # the graph's backward is unweighted: its gradients are weighted below
+                loss, logs = self.graphed(*(t.to(self.device, non_blocking=True) for t in local))
+            else:
+                torch._foreach_zero_([p.grad for p in self.params.values() if p.grad is not None])
+        elif not empty:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, logs = self.loss_fn(self.step, local)
+        share = (weight * float(loss.detach()) if loss is not None else 0.0, {k: weight * float(v) for k, v in logs.items()})
+        out_of_time = D.is_main() and self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds
+        gathered = D.all_gather((share, out_of_time))
+        total = sum(g[0][0] for g in gathered)
+        keys = [k for g in gathered for k in g[0][1]]
+        merged = {k: sum(g[0][1].get(k, 0.0) for g in gathered) for k in dict.fromkeys(keys)}
+        if not math.isfinite(total):  # every rank sees the same global value, so every rank stops together
+            raise FloatingPointError(f"{self.desc}: loss is {total} at step {self.step}")
+        if self.graphed is not None:
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            if grads and weight != 1.0:
+                torch._foreach_mul_(grads, weight)
+        elif loss is not None:
+            scaled = loss * weight
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        elif self.scaler is not None:
+            self.scaler.scale(torch.zeros((), device=self.device))  # the scaler's state starts on its first use
+        D.all_reduce_grads(self.params.values())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return total, merged, bool(gathered[0][1])
 
 
 def plot_loss_curve(history: list[dict[str, float]], path: str | Path, title: str = "training loss") -> Path:

@@ -1,0 +1,232 @@
+"""Data parallelism with torch.distributed (gloo, 2 CPU processes) against 1-process references.
+
+The ranks are started with ``torch.multiprocessing.spawn`` and torchrun's environment variables
+(``toolchain.distributed.init_from_env`` reads them as under torchrun); the command-line test goes
+through ``--nproc-per-node 2``, i.e. ``torch.distributed.run`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as tmp
+
+from conftest import REPO, tiny_batches
+from toolchain import distributed as D
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    with D.session(torch.device("cpu")):
+        fn(rank, *args)
+
+
+def spawn(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` on 2 gloo ranks (raises if a rank fails)."""
+    tmp.spawn(_entry, args=(_free_port(), fn, args), nprocs=WORLD, join=True)
+
+
+# -- the engine: an exactly batch-invariant toy problem --------------------------------------------
+
+def _toy_data():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 4, generator=g) for _ in range(3)]  # 5 samples: shards of 3 and 2 rows
+    ys = [x @ torch.tensor([0.5, -1.0, 2.0, 0.25]) + 0.1 * torch.randn(5, generator=g) for x in xs]
+    return xs, ys
+
+
+def _toy_fit(workdir: Path, steps: int = 6, stop_at: int | None = None) -> torch.Tensor:
+    from toolchain.train.fit import fit
+
+    xs, ys = _toy_data()
+    theta = torch.nn.Parameter(torch.zeros(4))
+
+    def loss_fn(step, batch):
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt
+        x, y = batch
+        err = (x * theta).sum(1) - y
+        return err.pow(2).mean(), {"mae": float(err.detach().abs().mean())}
+
+    fit({"theta": theta}, loss_fn, len(xs), steps, lr=0.05, seed=0, device=torch.device("cpu"), workdir=workdir, desc="toy",
+        grad_clip=0.5, checkpoint_every=2, batches=lambda i: (xs[i], ys[i]))
+    return theta.detach().clone()
+
+
+def _toy_rank(rank: int, workdir: str, out: str, stop_at: int | None) -> None:
+    # rank 1 gets a private, empty work folder: it can only resume from rank 0's broadcast checkpoint
+    work = Path(workdir) if rank == 0 else Path(workdir + f"-rank{rank}")
+    try:
+        theta = _toy_fit(work, stop_at=stop_at)
+    except KeyboardInterrupt:
+        return
+    torch.save({"theta": theta, "history": json.loads((Path(workdir) / "history.json").read_text()) if rank == 0 else None},
+               f"{out}.{rank}.pt")
+
+
+def test_shard_rows_cover_the_batch_in_order():
+    for n in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [D.shard_rows(n, r, world) for r in range(world)]
+            assert list(range(n)) == [i for p in parts for i in range(p.start, p.stop)]
+            assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_two_process_fit_equals_one_process_and_resumes(tmp_path):
+    reference = _toy_fit(tmp_path / "one")
+    ref_hist = json.loads((tmp_path / "one" / "history.json").read_text())
+    spawn(_toy_rank, str(tmp_path / "two"), str(tmp_path / "two"), None)
+    two = torch.load(tmp_path / "two.0.pt")
+    assert torch.equal(two["theta"], torch.load(tmp_path / "two.1.pt")["theta"])  # the ranks agree
+    # uneven shards (3 + 2 rows) weighted by their share: the global gradient, up to float rounding
+    assert (two["theta"] - reference).abs().max() <= 1e-6
+    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-6, abs=1e-9)
+    assert [h["mae"] for h in two["history"]] == pytest.approx([h["mae"] for h in ref_hist], rel=1e-6)  # logged means are global
+
+    spawn(_toy_rank, str(tmp_path / "cut"), str(tmp_path / "cut"), 5)  # both ranks stop during step 6; checkpoint at step 4
+    assert json.loads((tmp_path / "cut" / "history.json").read_text())[-1]["step"] == 4
+    spawn(_toy_rank, str(tmp_path / "cut"), str(tmp_path / "cut"), None)
+    resumed = torch.load(tmp_path / "cut.0.pt")
+    assert torch.equal(resumed["theta"], two["theta"])  # resumed run == uninterrupted 2-process run, bit for bit
+    assert torch.equal(torch.load(tmp_path / "cut.1.pt")["theta"], two["theta"])  # rank 1 continued from rank 0's checkpoint
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in two["history"]]
+
+
+# -- QD-LoRA on the tiny preset --------------------------------------------------------------------
+
+def _prepared_w4a4(model_path: Path):
+    """The tiny model, W4A4, with SVD + LoRA branches (rank 2) and calibrated ranges: QD-LoRA's start."""
+    from toolchain.lowrank.compensate import attach_branches
+    from toolchain.models import load_model
+    from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model
+    from toolchain.quant.config import QuantConfig
+
+    model = load_model(model_path)
+    prepare_model(model, QuantConfig.for_bits("quantface", "w4a4"))
+    attach_branches(model, 2, 2, seed=0)
+    calibrate_weights(model)
+    calibrate_activations(model, _qdlora_batches())
+    return model
+
+
+def _qdlora_batches():
+    return tiny_batches(2, batch=3)  # 3 images a batch: shards of 2 and 1
+
+
+def _qdlora(model, workdir: Path):
+    from toolchain.lowrank.compensate import _branch_params, train_branches
+
+    res = train_branches(model, _qdlora_batches(), workdir, steps=1, lr=1e-3, seed=0, device=torch.device("cpu"))
+    return res["history"], {k: p.grad.clone() for k, p in _branch_params(model).items() if p.grad is not None}
+
+
+def _qdlora_rank(rank: int, model_file: str, workdir: str, out: str) -> None:
+    model = torch.load(model_file, weights_only=False)  # the parent's model: one starting state for both runs
+    history, grads = _qdlora(model, Path(workdir))
+    torch.save({"history": history, "grads": grads}, f"{out}.{rank}.pt")
+
+
+def test_two_process_qdlora_gradient_equals_one_process(tiny_model_path, tmp_path):
+    """Step 1 of QD-LoRA (W4A4 tiny): the all-reduced branch gradient and the global loss of 2 ranks
+    (2 + 1 images) equal the 1-process full-batch ones. Later steps are not compared bit-tight: half
+    batches change float rounding (~1e-6), which a 4-bit fake-quant can turn into a rounding flip and
+    Adam's normalised first step into a different sign for near-zero gradients."""
+    import copy
+
+    model = _prepared_w4a4(tiny_model_path)
+    torch.save(model, tmp_path / "start.pt")
+    ref_hist, ref_grads = _qdlora(copy.deepcopy(model), tmp_path / "one")
+    spawn(_qdlora_rank, str(tmp_path / "start.pt"), str(tmp_path / "two"), str(tmp_path / "two"))
+    two = torch.load(tmp_path / "two.0.pt")
+    other = torch.load(tmp_path / "two.1.pt")
+    assert set(two["grads"]) == set(ref_grads) and len(ref_grads) > 100
+    assert all(torch.equal(two["grads"][k], other["grads"][k]) for k in ref_grads)  # identical on both ranks
+    scale = max(g.abs().max() for g in ref_grads.values())
+    diff = max((two["grads"][k] - ref_grads[k]).abs().max() for k in ref_grads)
+    print(f"QD-LoRA 2 ranks vs 1: max |Δgrad| {float(diff):.3g}, max |grad| {float(scale):.3g}, "
+          f"loss {two['history'][0]['loss']!r} vs {ref_hist[0]['loss']!r}")
+    assert diff <= 1e-3 * scale, f"max |Δgrad| {diff:.3g} vs max |grad| {scale:.3g}"
+    assert two["history"][0]["loss"] == pytest.approx(ref_hist[0]["loss"], rel=1e-4)
+    assert (tmp_path / "two" / "trainer_state.pt").is_file() and (tmp_path / "two" / "loss_curve.png").is_file()
+
+
+def test_quantize_nproc_per_node_runs_two_ranks(tiny_model_path, calib_dir, tmp_path):
+    """`toolchain quantize --nproc-per-node 2` re-launches through torch.distributed.run; rank 0 writes the checkpoint."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "quantface", "--bits", "w4a4",
+            "--calib", str(calib_dir), "--device", "cpu", "--batch-size", "3", "--param", "train_steps=2", "--param", "svd_rank=2",
+            "--param", "lora_rank=2", "--nproc-per-node", "2"]
+    out = tmp_path / "q"
+    run = subprocess.run([*base, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "quant_config.json").read_text())
+    assert "processes" in json.dumps(summary) and (out / "model.safetensors").is_file()
+    assert not (tmp_path / ".q.work").exists() and not (tmp_path / ".q.lock").exists()
+    bad = subprocess.run([*base, "--out", str(tmp_path / "r"), "--param", "no_such=1"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("error:") == 1  # one line, from the launcher, before any rank starts
+
+
+# -- the sensitivity sweep -------------------------------------------------------------------------
+
+def _sweep_rank(rank: int, ckpt: str, calib: str, out: str) -> None:
+    from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
+
+    res = run_sensitivity(Path(ckpt), Path(calib), Path(out), SweepSettings(metric="mse", epsilon=2e-4, images=2, max_bits=3))
+    torch.save(res, f"{out}.{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_w4a4(tiny_model_path, calib_dir, tmp_path_factory):
+    from toolchain.cli import main
+
+    out = tmp_path_factory.mktemp("dist") / "ck"
+    assert main(["quantize", "--model", str(tiny_model_path), "--method", "minmax", "--bits", "w4a4", "--calib", str(calib_dir),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_two_process_sensitivity_sweep_equals_one_process_and_resumes(tiny_w4a4, calib_dir, tmp_path):
+    from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
+
+    settings = SweepSettings(metric="mse", epsilon=2e-4, images=2, max_bits=3)
+    one = run_sensitivity(tiny_w4a4, calib_dir, tmp_path / "one", settings)
+    out = tmp_path / "two"
+    spawn(_sweep_rank, str(tiny_w4a4), str(calib_dir), str(out))
+    two = torch.load(f"{out}.0.pt")
+    assert two == torch.load(f"{out}.1.pt")  # every rank returns the gathered result
+    assert list(two) == list(one)
+    worst = 0.0
+    for name in one:
+        assert two[name]["B"] == one[name]["B"]
+        assert two[name]["trials"].keys() == one[name]["trials"].keys()
+        worst = max(worst, max(abs(two[name]["trials"][b] - v) / max(v, 1e-12) for b, v in one[name]["trials"].items()))
+    print(f"sweep 2 ranks vs 1: worst relative difference of a trial {worst:.3g}")
+    assert worst <= 1e-4  # 1 vs 2 CPU threads round differently; the chosen bits are equal
+    assert json.loads((out / "sensitivity.json").read_text())["layers"] == two
+    # resume: the cache is shared, a rerun recomputes only the deleted layers
+    victims = sorted(two)[:3]
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "sensitivity").glob("*.json") if not p.name.startswith("_")}
+    for name in victims:
+        (out / "sensitivity" / f"{name}.json").unlink()
+    spawn(_sweep_rank, str(tiny_w4a4), str(calib_dir), str(out))
+    again = torch.load(f"{out}.0.pt")
+    assert {n: r["B"] for n, r in again.items()} == {n: r["B"] for n, r in two.items()}
+    untouched = [p for p in (out / "sensitivity").glob("*.json") if not p.name.startswith("_") and p.stem not in victims]
+    assert untouched and all(p.stat().st_mtime_ns == stamp[p.name] for p in untouched)
