@@ -5,8 +5,8 @@ Run on a 2-GPU machine (issue 17, item 3/4):
     python benchmarks/ddp_speed.py --nproc 2 --out benchmarks/results/ddp_speed
 
 Every configuration is a real `toolchain` command (the same CLI a user runs), started through
-torchrun (`--nproc-per-node N`), so the timings include what a user pays. QD-LoRA throughput is
-taken from the trainer's own timing (``qdlora.seconds`` in the checkpoint summary: training steps
+torchrun (`--nproc-per-node N`), so the timings include what a user pays. QD-LoRA throughput (weak scaling:
+the same batch per process, loss MSE only) is taken from the trainer's own timing (``qdlora.seconds`` in the checkpoint summary: training steps
 only, not calibration), images/s = steps × global batch / seconds. The sweep time is the
 ``seconds_this_run`` of ``sensitivity.json`` (a fresh cache each time).
 
@@ -57,9 +57,10 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None, help="float model (default: a fresh random model of --preset)")
     ap.add_argument("--images", type=int, default=64, help="calibration images")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=4, help="global batch (split over the processes)")
+    ap.add_argument("--batch-size", type=int, default=2, help="batch per process (the global batch is N times this)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sweep-images", type=int, default=8)
+    ap.add_argument("--parts", default="qdlora,sweep", help="what to time: qdlora, sweep (the sweep times a 1-process QD-LoRA checkpoint)")
     args = ap.parse_args()
     if args.small:
         args.preset, args.images, args.size, args.batch_size, args.steps, args.sweep_images = "tiny", 8, 64, 4, 4, 2
@@ -80,7 +81,7 @@ def main() -> int:
                     f"build_calibration_set([BUNDLED_FACES], sys.argv[1], n={args.images}, size={args.size}, seed=0, progress=False)",
                     str(calib)], env=env, check=True)
 
-    results: dict = {"preset": args.preset, "images": args.images, "size": args.size, "global_batch": args.batch_size, "steps": args.steps,
+    results: dict = {"preset": args.preset, "images": args.images, "size": args.size, "batch_per_process": args.batch_size, "steps": args.steps,
                      "nproc": args.nproc, "small_smoke_test": args.small, "commands": {}, "configs": {}}
     try:
         import torch
@@ -90,20 +91,24 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001  (reporting only)
         results["devices"] = [f"unknown ({exc})"]
 
+    parts = set(args.parts.split(","))
     ckpt_for_sweep = None
-    for n in (1, args.nproc):
+    for n in (1, args.nproc) if "qdlora" in parts else (1,):
         out = work / f"q{n}"
+        # weak scaling: the same batch per process, so the global batch grows with the process count
         cmd = [*py, "-m", "toolchain", "quantize", "--model", str(model), "--preset", args.preset, "--method", "quantface", "--bits", "w4a4",
-               "--calib", str(calib), "--device", device, "--batch-size", str(args.batch_size), "--param", f"train_steps={args.steps}",
-               "--param", f"checkpoint_every={args.steps}", "--out", str(out), "--nproc-per-node", str(n)]
+               "--calib", str(calib), "--device", device, "--batch-size", str(args.batch_size * n), "--param", f"train_steps={args.steps}",
+               "--param", f"checkpoint_every={args.steps}", "--param", "w_perceptual=0", "--param", "w_mse=1",
+               "--out", str(out), "--nproc-per-node", str(n)]
         wall = _run(cmd, env)
         summary = json.loads((out / "quant_config.json").read_text())
         train_s = _find(summary, "qdlora")["seconds"]
         results["commands"][f"qdlora_{n}"] = " ".join(cmd)
         results["configs"][f"qdlora_{n}proc"] = {"train_seconds": train_s, "wall_seconds": round(wall, 1),
-                                                 "images_per_s": round(args.steps * args.batch_size / max(train_s, 1e-9), 3)}
+                                                 "global_batch": args.batch_size * n,
+                                                 "images_per_s": round(args.steps * args.batch_size * n / max(train_s, 1e-9), 3)}
         ckpt_for_sweep = ckpt_for_sweep or out
-    for n in (1, args.nproc):
+    for n in (1, args.nproc) if "sweep" in parts else ():
         out = work / f"alloc{n}"
         cmd = [*py, "-m", "toolchain", "allocate", "sensitivity", "--checkpoint", str(ckpt_for_sweep), "--calib", str(calib),
                "--out", str(out), "--images", str(args.sweep_images), "--metric", "mse", "--device", device, "--nproc-per-node", str(n)]
@@ -113,12 +118,14 @@ def main() -> int:
         results["configs"][f"sweep_{n}proc"] = {"sweep_seconds": sens["seconds_this_run"], "wall_seconds": round(wall, 1),
                                                 "layers": len(sens["layers"])}
     c = results["configs"]
-    results["ddp_2gpu_speedup"] = round(c[f"qdlora_{args.nproc}proc"]["images_per_s"] / c["qdlora_1proc"]["images_per_s"], 3)
-    results["sweep_2gpu_speedup"] = round(c["sweep_1proc"]["sweep_seconds"] / max(c[f"sweep_{args.nproc}proc"]["sweep_seconds"], 1e-9), 3)
+    if "qdlora" in parts:
+        results["ddp_2gpu_speedup"] = round(c[f"qdlora_{args.nproc}proc"]["images_per_s"] / c["qdlora_1proc"]["images_per_s"], 3)
+    if "sweep" in parts:
+        results["sweep_2gpu_speedup"] = round(c["sweep_1proc"]["sweep_seconds"] / max(c[f"sweep_{args.nproc}proc"]["sweep_seconds"], 1e-9), 3)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({k: results[k] for k in ("ddp_2gpu_speedup", "sweep_2gpu_speedup", "devices")}))
+    print(json.dumps({k: results.get(k) for k in ("ddp_2gpu_speedup", "sweep_2gpu_speedup", "devices", "configs")}))
     return 0
 
 

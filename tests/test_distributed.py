@@ -206,7 +206,12 @@ def test_two_process_sensitivity_sweep_equals_one_process_and_resumes(tiny_w4a4,
     from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
 
     settings = SweepSettings(metric="mse", epsilon=2e-4, images=2, max_bits=3)
-    one = run_sensitivity(tiny_w4a4, calib_dir, tmp_path / "one", settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same arithmetic (at 3-4 bits a thread count's rounding can flip a step)
+    try:
+        one = run_sensitivity(tiny_w4a4, calib_dir, tmp_path / "one", settings)
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "two"
     spawn(_sweep_rank, str(tiny_w4a4), str(calib_dir), str(out))
     two = torch.load(f"{out}.0.pt")
@@ -218,7 +223,7 @@ def test_two_process_sensitivity_sweep_equals_one_process_and_resumes(tiny_w4a4,
         assert two[name]["trials"].keys() == one[name]["trials"].keys()
         worst = max(worst, max(abs(two[name]["trials"][b] - v) / max(v, 1e-12) for b, v in one[name]["trials"].items()))
     print(f"sweep 2 ranks vs 1: worst relative difference of a trial {worst:.3g}")
-    assert worst <= 1e-4  # 1 vs 2 CPU threads round differently; the chosen bits are equal
+    assert worst <= 1e-6
     assert json.loads((out / "sensitivity.json").read_text())["layers"] == two
     # resume: the cache is shared, a rerun recomputes only the deleted layers
     victims = sorted(two)[:3]

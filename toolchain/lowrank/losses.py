@@ -45,7 +45,10 @@ def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.T
 
 def distillation_loss(lpips_weights: str | Path | None, w_perceptual: float = 0.5, w_mse: float = 0.5):
     """loss(student, teacher) → (total, {term: scalar tensor}); images in [-1, 1]."""
-    perc, label = perceptual_loss(lpips_weights)
+    if w_perceptual == 0:  # MSE only: no perceptual network (and no weights file) needed
+        perc, label = (lambda a, b: torch.zeros((), device=a.device)), "none"
+    else:
+        perc, label = perceptual_loss(lpips_weights)
 
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         p = perc(student, teacher)
