@@ -215,3 +215,32 @@ def test_color_fix_on_osdface_is_one_error_line(tiny_model_path, tmp_path, capsy
                  "--device", "cpu", "--color-fix", "adain"]) == 2
     err = capsys.readouterr().err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] and "osediff" in err and "Traceback" not in err
+
+
+def test_constant_prompt_kv_fold_equals_unfolded_and_leaves_the_quant_scope(sr_model):
+    import copy
+
+    from toolchain.models.osediff import ConstantProjection
+    from toolchain.quant.config import quantizable_layers
+
+    model = copy.deepcopy(sr_model)
+    with torch.no_grad():
+        model.prompt_embeds.normal_(generator=torch.Generator().manual_seed(9))  # a non-zero prompt
+    x = _lr((8, 8), seed=10).expand(2, -1, -1, -1)
+    cross = [n for n, m in model.unet.named_modules() if n.endswith(".attn2")]
+    assert cross
+    # the independent reference: W_k·c + b_k computed by hand for one cross-attention
+    attn = model.unet.get_submodule(cross[0])
+    c = model.prompt_embeds[0]
+    k_ref = c @ attn.to_k.weight.T + (attn.to_k.bias if attn.to_k.bias is not None else 0)
+    with torch.no_grad():
+        ref = model(x)
+    names = {n for n, _ in quantizable_layers(model)}
+    assert not any(n.endswith((".attn2.to_k", ".attn2.to_v")) for n in names)
+    assert any(n.endswith(".attn2.to_q") for n in names)
+    assert model.fold_constant_prompt() == 2 * len(cross) and model.fold_constant_prompt() == 0
+    assert isinstance(attn.to_k, ConstantProjection) and torch.allclose(attn.to_k.value[0], k_ref, atol=1e-6)
+    with torch.no_grad():
+        folded = model(x)
+    assert (folded - ref).abs().max() <= 1e-5
+    assert not any(n.endswith((".attn2.to_k", ".attn2.to_v")) for n, _ in quantizable_layers(model))

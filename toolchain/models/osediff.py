@@ -115,6 +115,23 @@ class OSEDiffModel(nn.Module):
             z = self.vae.post_quant_conv(z)
         return self.vae.decoder(z)
 
+    @torch.no_grad()
+    def fold_constant_prompt(self) -> int:
+        """Replace every module that sees only the constant prompt (the cross-attention ``to_k``/``to_v``,
+        per ``toolchain.topology``) by a ``ConstantProjection`` holding its output for ``prompt_embeds``
+        ((1, 77, inner) float32). Outputs are unchanged to float rounding; the weights leave the model.
+        Returns the number of modules replaced (0 if already folded). In place; not reversible."""
+        from toolchain.topology import topology_of
+
+        topo = topology_of(self)
+        targets = [(n, m) for n, m in self.named_modules()
+                   if topo.is_constant_prompt_module(n) and not isinstance(m, ConstantProjection)]
+        for name, module in targets:
+            parent, _, leaf = name.rpartition(".")
+            value = module(self.prompt_embeds.to(next(module.parameters()).dtype))
+            setattr(self.get_submodule(parent), leaf, ConstantProjection(value.detach().clone()))
+        return len(targets)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """LR image (B, 3, H, W) in [-1, 1] → SR image (B, 3, uH, uW) in [-1, 1]."""
         return self.forward_upscaled(self.upscale(image))
@@ -124,6 +141,18 @@ class OSEDiffModel(nn.Module):
         factor (upstream: PIL bicubic ×4, see ``toolchain.pipeline.restore``) → SR image (B, 3, H, W) in [-1, 1]."""
         z = self.encode_upscaled(x_up)
         return self.decode(self.denoise(z, self.prompt(x_up))).clamp(-1.0, 1.0)
+
+
+class ConstantProjection(nn.Module):
+    """A projection of the constant prompt, precomputed: ``forward(x)`` returns ``value`` (1, T, D)
+    expanded to x's batch, in x's dtype, whatever x holds (x must be the constant prompt)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.to(x.dtype).expand(x.shape[0], -1, -1)
 
 
 def _unet_factor(config: ModelConfig) -> int:
