@@ -74,3 +74,26 @@ def test_tflite_export_parity(sr_checkpoint):
     assert rep["layers_quantized"] > 0
     assert v["median_vs_fp"] >= v["median_fake_quant_vs_fp"] - 5.0, v
     assert v["median_vs_fake_quant"] >= 12.0, v
+
+
+def test_float_part_exports_take_no_prompt_input(tmp_path):
+    """The UNet part of a constant-prompt model has one input (the latent): its cross-attention k/v are
+    folded constants, so a prompt input would be dead."""
+    from export.onnx_backend import export_onnx, ort_session
+    from export.parts import part_inputs, part_module
+    from toolchain.models import build_model, preset
+
+    model = build_model(preset("osediff-tiny"), seed=0)
+    with torch.no_grad():
+        model.prompt_embeds.normal_(generator=torch.Generator().manual_seed(0))
+    x = _lr(1, 3)[0]
+    for part in ("unet", "vae_encoder", "vae_decoder"):
+        rep = export_onnx(model, tmp_path / f"{part}.onnx", part=part)
+        sess = ort_session(rep["path"])
+        inputs = part_inputs(model, part, [x])[0]
+        mod, _, names, _ = part_module(model, part)
+        assert [i.name for i in sess.get_inputs()] == names and len(names) == 1
+        with torch.no_grad():
+            ref = mod(*inputs).numpy()
+        got = sess.run(None, {names[0]: inputs[0].numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), part
