@@ -55,12 +55,16 @@ def test_method_on_osediff_tiny(method, float_model, tmp_path):
     batches = [torch.rand(1, 3, 8, 8, generator=g) * 2 - 1]
     model = copy.deepcopy(float_model)
     cfg = QuantConfig.for_bits(method, "w8a8", params=params)
-    quantize_(model, cfg, MethodContext(batches, workdir=tmp_path / "work", seed=0))
+    summary = quantize_(model, cfg, MethodContext(batches, workdir=tmp_path / "work", seed=0))
+    # the constant-prompt cross-attention k/v are folded into constants at quantize time (2 per attn2)
+    n_cross = sum(n.endswith(".attn2") for n, _ in float_model.unet.named_modules())
+    assert summary["constant_prompt_folded"] == 2 * n_cross > 0
     save_quantized(model, cfg, tmp_path / "ckpt")
     loaded, _ = load_quantized(tmp_path / "ckpt")
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         q, fp = loaded(x), float_model(x)
+        assert torch.equal(q, model(x))  # the checkpoint (with its folded constants) reproduces the quantized model
     assert q.shape == fp.shape == (2, 3, 32, 32) and torch.isfinite(q).all()
     err = (q - fp).abs().mean().item()
     print(f"{method}: mean |q - fp| = {err:.5f}")
