@@ -60,6 +60,11 @@ def test_quantize_and_eval_consume_sr_pairs(sr_model_dir, sr_set, tmp_path):
                  "--device", "cpu"]) == 0
     text = " ".join(p.read_text() for p in (tmp_path / "ev").glob("*.json"))
     assert "psnr" in text
+    # allocate: the sensitivity sweep scores ×4 outputs against the HR images
+    assert main(["allocate", "all", "--checkpoint", str(ck), "--calib", str(sr_set), "--out", str(tmp_path / "alloc"),
+                 "--images", "2", "--metric", "mse", "--epsilon", "2e-4", "--device", "cpu"]) == 0
+    table = json.loads((tmp_path / "alloc" / "mp_table.json").read_text())
+    assert table["layers"] and not any(".attn2.to_k" in l["name"] or ".attn2.to_v" in l["name"] for l in table["layers"])
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -244,3 +244,13 @@ def test_constant_prompt_kv_fold_equals_unfolded_and_leaves_the_quant_scope(sr_m
         folded = model(x)
     assert (folded - ref).abs().max() <= 1e-5
     assert not any(n.endswith((".attn2.to_k", ".attn2.to_v")) for n, _ in quantizable_layers(model))
+
+
+def test_osediff_preset_has_sd21_sizes():
+    from toolchain.models.configs import preset
+    from toolchain.topology import topology
+
+    cfg = preset("osediff")
+    assert (cfg.kind, cfg.image_size, cfg.upscale, cfg.latent_size, cfg.timestep) == ("osediff", 128, 4, 64, 999)
+    assert cfg.prompt_shape == (77, 1024) and cfg.unet == preset("osdface").unet and cfg.embedder is None
+    assert topology(cfg.kind).constant_prompt_modules
