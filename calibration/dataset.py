@@ -2,6 +2,10 @@
 
     <out>/hq/00000.png  <out>/lq/00000.png  ...  <out>/manifest.json
 
+Two tasks: ``restore`` (scale 1: LQ = degraded HQ at the same size, for OSDFace) and ``sr`` (scale s > 1:
+LQ = degraded HQ then bicubic-downscaled (antialiased) by 1/s, for OSEDiff's ×4 super-resolution). The
+manifest records ``task``, ``scale`` and ``lq_size``; sets written before this field read as scale 1.
+
 The manifest records the sources (with SHA-256), seed, size, degradation ranges and each
 item's drawn parameters. A build writes into ``<out>.partial/`` and renames it into place when
 complete; rerunning an interrupted build with the same settings resumes from the images already
@@ -67,8 +71,12 @@ def build_calibration_set(
     config: DegradationConfig | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    scale: int = 1,
 ) -> Path:
     """Build ``n`` HQ/LQ pairs at ``size``×``size`` px from HQ face images (cycled, with flips, if n > sources).
+
+    ``scale`` > 1 makes super-resolution pairs: LQ is the degraded HQ bicubic-downscaled to
+    ``size // scale`` (``size`` must be a multiple of ``scale``, LQ at least 4 px).
 
     ``out`` must be new, empty, a previous calibration set (replaced whole on success) or, with
     ``overwrite``, anything that is not an input; it may never be or contain an input. Work goes to
@@ -81,11 +89,13 @@ def build_calibration_set(
         raise InputError("the calibration set needs at least one image (-n >= 1)")
     if not 16 <= size <= MAX_SIZE:
         raise InputError(f"--size {size} is out of range (16 to {MAX_SIZE} pixels)")
+    if scale < 1 or size % scale or size // scale < 4:
+        raise InputError(f"--size {size} must be a multiple of the SR scale {scale} with at least 4 LQ pixels")
     hq_inputs = list(hq_inputs)
     check_output_dir(out, "calibration set", is_calibration_set, inputs=hq_inputs, overwrite=overwrite)
     sources = list_images(hq_inputs, what="--hq")
     with output_lock(out):
-        return _build_locked(sources, out, n, size, seed, config, progress)
+        return _build_locked(sources, out, n, size, seed, config, progress, scale)
 
 
 def _resume_note(old: dict | None, new: dict) -> str | None:
@@ -95,13 +105,24 @@ def _resume_note(old: dict | None, new: dict) -> str | None:
     return f"{', '.join(changed)} changed" if changed else None
 
 
-def _build_locked(sources: list[Path], out: Path, n: int, size: int, seed: int, config: DegradationConfig, progress: bool) -> Path:
+def sr_downscale(lq: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] → (H/scale, W/scale, 3): antialiased bicubic (torch), clamped to [0, 1]."""
+    if scale == 1:
+        return lq
+    t = torch.from_numpy(np.ascontiguousarray(lq)).permute(2, 0, 1)[None]
+    h, w = lq.shape[:2]
+    t = F.interpolate(t, size=(h // scale, w // scale), mode="bicubic", antialias=True, align_corners=False)
+    return t.clamp(0, 1)[0].permute(1, 2, 0).numpy()
+
+
+def _build_locked(sources: list[Path], out: Path, n: int, size: int, seed: int, config: DegradationConfig, progress: bool,
+                  scale: int = 1) -> Path:
     import sys
 
     partial = out.parent / (out.name + ".partial")
     hashes = {str(p): _sha256(p) for p in sources}
     # JSON round trip: the saved file holds lists where the in-memory settings hold tuples
-    settings = json.loads(json.dumps({"seed": seed, "size": size, "count": n, "degradation": config.to_dict(),
+    settings = json.loads(json.dumps({"seed": seed, "size": size, "count": n, "scale": scale, "degradation": config.to_dict(),
                                       "sources": [str(p) for p in sources], "source_sha256": [hashes[str(p)] for p in sources]}))
     state_file = partial / "settings.json"
     if partial.exists():
@@ -129,11 +150,13 @@ def _build_locked(sources: list[Path], out: Path, n: int, size: int, seed: int, 
             if flip:
                 hq = hq[:, ::-1].copy()
             lq, params = degrade(hq, seed, i, config)
+            lq = sr_downscale(lq, scale)
             save_image(hq_path, hq)
             save_image(lq_path, lq)
             atomic_write_json(params_path, params)
         items.append({"index": i, "file": name, "source": src.name, "source_sha256": hashes[str(src)], "flip": flip, "params": params})
     manifest = {"version": MANIFEST_VERSION, "kind": "quantface-calibration-set", "seed": seed, "size": size, "count": n,
+                "task": "sr" if scale > 1 else "restore", "scale": scale, "lq_size": size // scale,
                 "degradation": config.to_dict(), "items": items}
     for p in (partial / "lq").glob("*.json"):
         p.unlink()
@@ -165,6 +188,19 @@ class CalibrationSet:
 
     def __len__(self) -> int:
         return len(self.manifest["items"])
+
+    @property
+    def scale(self) -> int:
+        """HQ/LQ size ratio: 1 for restoration sets, 4 for ×4 super-resolution pairs."""
+        return int(self.manifest.get("scale", 1))
+
+    def check_for(self, model_upscale: int) -> None:
+        """Refuse a set whose task does not match a model's upscale factor (InputError, one line)."""
+        if self.scale != model_upscale:
+            want = f"--task sr --scale {model_upscale}" if model_upscale > 1 else "the default restore task"
+            raise InputError(f"{self.root} holds {'x%d SR' % self.scale if self.scale > 1 else 'restoration'} pairs but the "
+                             f"model {'upscales x%d' % model_upscale if model_upscale > 1 else 'restores at the same size'}; "
+                             f"build a set with `toolchain calibrate {want}`")
 
     def names(self) -> list[str]:
         return [it["file"] for it in self.manifest["items"]]

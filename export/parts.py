@@ -28,6 +28,8 @@ class _Part(nn.Module):
             return m.decode(inputs[0]).clamp(-1.0, 1.0)
         if self.part == "embedder":
             return m.prompt(inputs[0])
+        if len(inputs) == 1:  # a constant-prompt model (osediff): the prompt is the model's own buffer
+            return m.denoise(inputs[0], m.prompt(inputs[0]))
         return m.denoise(inputs[0], inputs[1])  # unet: (z_L, prompt) → one-step x0 estimate
 
 
@@ -86,6 +88,8 @@ def part_module(model: nn.Module, part: str) -> tuple[nn.Module, tuple[torch.Ten
         "embedder": ((image,), ["lq_image"], ["prompt"]),
         "unet": ((latent, prompt), ["latent", "prompt"], ["x0_latent"]),
     }
+    if topology_of(model).constant_prompt_modules:  # the prompt is a constant of the model, not an input
+        table["unet"] = ((latent,), ["latent"], ["x0_latent"])
     inputs, in_names, out_names = table[part]
     return _Part(model, part).eval(), inputs, in_names, out_names
 
@@ -100,4 +104,6 @@ def part_inputs(model: nn.Module, part: str, images: list[torch.Tensor]) -> list
     with torch.no_grad():
         if part == "vae_decoder":
             return [(model.denoise(model.encode(b), model.prompt(b)),) for b in images]
+        if topology_of(model).constant_prompt_modules:
+            return [(model.encode(b),) for b in images]
         return [(model.encode(b), model.prompt(b)) for b in images]

@@ -281,8 +281,8 @@ def fold_time_path(module: nn.Module) -> int:
 
 
 def export_module(model: nn.Module, flavour: str = "qdq") -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """A deep copy of ``model`` with every quantized layer replaced and the constant time path folded;
-    returns (module, layer info)."""
+    """A deep copy of ``model`` with every quantized layer replaced and the constant time path (and, for a
+    constant-prompt model, the cross-attention k/v) folded; returns (module, layer info)."""
     module = copy.deepcopy(model).cpu().float().eval()
     info: dict[str, dict[str, Any]] = {}
     for name, layer in list(quant_layers(module)):
@@ -290,6 +290,9 @@ def export_module(model: nn.Module, flavour: str = "qdq") -> tuple[nn.Module, di
         set_submodule(module, name, layer_export)
         info[name] = layer_export.describe()
     fold_time_path(module)
+    fold_prompt = getattr(module, "fold_constant_prompt", None)  # models with a constant prompt (osediff)
+    if fold_prompt is not None:
+        fold_prompt()
     for p in module.parameters():
         p.requires_grad_(False)
     return module, info

@@ -96,7 +96,7 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
     size = fp.image_size
     calib = CalibrationSet.open(calib_dir).batches(size, 4)
     ev = CalibrationSet.open(eval_dir)
-    lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size)
+    lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size, getattr(fp.config, "upscale", 1))
     fp_out = restore_set(fp, lq_batches, device, "FP")
     example = torch.zeros(1, 3, size, size, device=device)
     rows: list[dict[str, Any]] = [

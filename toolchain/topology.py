@@ -16,6 +16,7 @@ Kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -49,6 +50,13 @@ class Topology:
     time_root: str
     time_modules: tuple[str, ...]
     time_suffixes: tuple[str, ...]
+    # modules whose only input is a constant prompt embedding (anchored regexes over module paths): their
+    # outputs are constants, so they stay out of the quantization scope and fold into buffers
+    constant_prompt_modules: tuple[str, ...] = ()
+
+    def is_constant_prompt_module(self, path: str) -> bool:
+        """Whether module ``path`` sees only the constant prompt (its output is a constant)."""
+        return any(re.search(p, path) for p in self.constant_prompt_modules)
 
     def is_time_module(self, name: str) -> bool:
         """Whether ``name`` (a path relative to ``time_root``) is part of the constant time path."""
@@ -96,6 +104,10 @@ _OSDFACE = Topology(
     time_suffixes=("time_emb_proj",),
 )
 
+# diffusers names a transformer block's cross-attention ``attn2``; with OSEDiff's constant prompt its k/v
+# projections map a constant to a constant (PassionSR feeds a fixed embedding too: UPSTREAM.md)
+_OSEDIFF_CONSTANT_KV = r"^unet\..*\.attn2\.to_[kv]$"
+
 _OSEDIFF = Topology(
     kind="osediff",
     quant_include=_OSDFACE.quant_include,
@@ -109,6 +121,7 @@ _OSEDIFF = Topology(
     time_root="unet",
     time_modules=_OSDFACE.time_modules,
     time_suffixes=_OSDFACE.time_suffixes,
+    constant_prompt_modules=(_OSEDIFF_CONSTANT_KV,),
 )
 
 TOPOLOGIES: Mapping[str, Topology] = MappingProxyType({t.kind: t for t in (_OSDFACE, _OSEDIFF)})

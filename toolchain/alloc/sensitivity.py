@@ -112,7 +112,9 @@ def sweep_layers(ckpt: Path, calib: Path, names: list[str], settings: SweepSetti
     model, _ = load_quantized(ckpt, device)
     data = CalibrationSet.open(calib)
     batches = data.batches(model.image_size, settings.batch_size, limit=settings.images)
-    hq = (torch.cat(data.batches(model.image_size, settings.batch_size, limit=settings.images, which="hq")) + 1) / 2
+    upscale = getattr(model.config, "upscale", 1)
+    data.check_for(upscale)
+    hq = (torch.cat(data.batches(model.image_size * upscale, settings.batch_size, limit=settings.images, which="hq")) + 1) / 2
     layers = activation_layers(model)
     todo = [n for n in names if not (cache / f"{n}.json").is_file()]
     if not todo:

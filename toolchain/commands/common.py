@@ -23,7 +23,7 @@ def positive_int(text: str) -> int:
 def add_model_args(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help=f"float model: .safetensors file, model dir or diffusers folder (default: bundled {DEFAULT_MODEL.name})")
-    p.add_argument("--preset", default=None, help="architecture preset for files that carry no config (tiny, ref, osdface)")
+    p.add_argument("--preset", default=None, help="architecture preset for files that carry no config (tiny, ref, osdface, osediff, osediff-tiny)")
     if checkpoint:
         p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint directory (from `toolchain quantize`)")
 

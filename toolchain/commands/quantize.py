@@ -162,6 +162,7 @@ def _run_locked(args: argparse.Namespace, model_path: Path, device) -> int:
     model = load_model(model_path, args.preset).to(device)
     cfg.check_matches([n for n, _ in quantizable_layers(model)], cfg.rule_sources)
     data = CalibrationSet.open(args.calib)
+    data.check_for(getattr(model.config, "upscale", 1))  # SR models (osediff) calibrate on LR inputs of ×4 pairs
     batches = data.batches(model.image_size, args.batch_size, limit=args.calib_limit)
     workdir = args.out.parent / f".{args.out.name}.work"
     scratch = None

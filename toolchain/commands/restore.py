@@ -19,6 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder (PNG files named after the inputs); never an input folder; existing files of the same name "
                         "are replaced only if an earlier restore wrote them (else --overwrite)")
     add_overwrite_arg(p, "replace existing files of the same name in --out")
+    p.add_argument("--upstream-preprocessing", action="store_true",
+                   help="reproduce the release's own pre/post-processing for parity checks (OSDFace: square -> model size "
+                        "bilinear, align_corners=True, output stays at that size; non-square at native size, output cropped "
+                        "to a multiple of 8. OSEDiff: Pillow bicubic x4 at native size, latent tiling only above the trained "
+                        "size). Output is RGB without alpha, rounded to 8 bits")
+    p.add_argument("--color-fix", choices=("none", "adain"), default="none",
+                   help="OSEDiff only: adain matches each output channel's mean/std to the upscaled input (upstream's "
+                        "default; default here: none)")
     add_model_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -37,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     device = device_from_arg(args.device)
     with output_lock(args.out):
         model = load_any_model(args, device)
-        written = restore_files(model, scan.paths, args.out, model.image_size, args.batch_size, device)
+        written = restore_files(model, scan.paths, args.out, model.image_size, args.batch_size, device,
+                                upstream=args.upstream_preprocessing, color_fix=args.color_fix)
     line = f"restored {len(written)}"
     if scan.skipped:
         line += f", {scan.skipped_text()}"

@@ -60,8 +60,17 @@ def score(pred: torch.Tensor, ref: torch.Tensor, metrics: list[str], weights_dir
     return out
 
 
-def load_eval_set(data: CalibrationSet, size: int, limit: int | None, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def load_eval_set(data: CalibrationSet, size: int, limit: int | None, batch_size: int,
+                  upscale: int = 1) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(LQ model-input batches at ``size`` in [-1, 1], LQ for the "LQ input" row in [0, 1], HQ in [0, 1]).
+
+    For a super-resolution model (``upscale`` > 1) HQ is loaded at ``size·upscale`` and the "LQ input"
+    row is the LQ bicubic-upscaled to that size (torch, a = −0.75). Raises InputError when the set's task
+    (its HQ/LQ scale) does not match ``upscale``."""
+    data.check_for(upscale)
     lq_batches = data.batches(size, batch_size, limit=limit)
-    hq = (torch.cat(data.batches(size, batch_size, limit=limit, which="hq")) + 1) / 2
-    lq = (torch.cat(lq_batches) + 1) / 2
-    return lq_batches, lq, hq
+    hq = (torch.cat(data.batches(size * upscale, batch_size, limit=limit, which="hq")) + 1) / 2
+    lq = torch.cat(lq_batches)
+    if upscale > 1:
+        lq = torch.nn.functional.interpolate(lq, scale_factor=upscale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    return lq_batches, (lq + 1) / 2, hq

@@ -39,7 +39,7 @@ def evaluate_to_folder(args: argparse.Namespace) -> dict[str, Any]:
     data = CalibrationSet.open(args.data)
     fp_model = load_model(_reference_model_path(args, metas), args.preset).to(device)
     size = fp_model.image_size
-    lq_batches, lq, hq = load_eval_set(data, size, args.limit, args.batch_size)
+    lq_batches, lq, hq = load_eval_set(data, size, args.limit, args.batch_size, getattr(fp_model.config, "upscale", 1))
     acc_size = args.accounting_size or size
     example = torch.zeros(1, 3, acc_size, acc_size, device=device)
 

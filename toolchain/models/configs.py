@@ -11,6 +11,7 @@ Presets:
     at the sizes of the released OSDFace model (for real checkpoints and GPU benchmarks).
   * ``ref``     – the project's small trained reference model (128×128 faces).
   * ``tiny``    – a random network that runs in well under a second on CPU (unit tests).
+  * ``osediff`` – OSEDiff at SD-2.1-base sizes (128 px LR → 512 px; what `model import osediff` gives).
   * ``osediff-tiny`` – a random OSEDiff-kind network of the same size (unit tests).
 """
 
@@ -248,13 +249,20 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _osediff() -> ModelConfig:
+    """OSEDiff at SD-2.1-base sizes: 128 px LR in, ×4 → 512 px (64² latents), t = 999, constant prompt."""
+    base = _osdface()
+    return ModelConfig(name="osediff", image_size=128, unet=base.unet, vae=base.vae, embedder=None, timestep=999,
+                       alpha_bar=sd_alpha_bar(999), kind="osediff", upscale=4)
+
+
 def _osediff_tiny() -> ModelConfig:
     t = _tiny()
     return ModelConfig(name="osediff-tiny", image_size=8, unet=t.unet, vae=t.vae, embedder=None, timestep=999,
                        alpha_bar=sd_alpha_bar(999), kind="osediff", upscale=4)
 
 
-PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny, "osediff-tiny": _osediff_tiny}
+PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny, "osediff": _osediff, "osediff-tiny": _osediff_tiny}
 
 
 def preset(name: str) -> ModelConfig:

@@ -91,6 +91,17 @@ def load_model(path: str | os.PathLike, preset_name: str | None = None, dtype: t
     )
 
 
+def model_config(path: str | os.PathLike, preset_name: str | None = None) -> ModelConfig:
+    """The ModelConfig of a model file or model directory without loading its weights (a diffusers folder,
+    which carries no kind, is built as ``load_model`` would: its weights are read). Raises CheckpointError."""
+    path = Path(path)
+    if path.is_file():
+        return _config_from_file(path, preset_name)
+    if (path / "model_config.json").is_file():
+        return ModelConfig.from_dict(_read_json(path / "model_config.json"))
+    return load_model(path, preset_name).config
+
+
 def _config_from_file(path: Path, preset_name: str | None) -> ModelConfig:
     if path.suffix == ".safetensors":
         meta = read_safetensors_metadata(path)

@@ -12,12 +12,19 @@ from toolchain.quant.config import QuantConfig
 
 
 def quantize_(model: torch.nn.Module, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
-    """Quantize ``model`` in place with ``config.method``; returns the method's summary plus timing."""
+    """Quantize ``model`` in place with ``config.method``; returns the method's summary plus timing.
+
+    A model with a constant prompt (``fold_constant_prompt``: OSEDiff) then has its prompt-only projections
+    (cross-attention k/v, outside the quantization scope) replaced by their constant outputs; the summary
+    counts them as ``constant_prompt_folded`` and checkpoints store the constants."""
     method = get_method(config.method, config.params)
     torch.manual_seed(ctx.seed)
     start = time.perf_counter()
     model.to(ctx.device).eval()
     summary = method.apply(model, config, ctx)
+    fold = getattr(model, "fold_constant_prompt", None)
+    if fold is not None:
+        summary["constant_prompt_folded"] = fold()
     summary = {"method": config.method, "bits": config.bits_label, **summary, "seconds": round(time.perf_counter() - start, 2)}
     model.eval()
     return summary

@@ -31,6 +31,7 @@ from toolchain.quant.components import build_component
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.layers import QUANT_LAYER_TYPES
 from toolchain.quant.quantizer import QuantSpec
+from toolchain.topology import topology_of
 
 FORMAT = "quantface-checkpoint"
 FORMAT_VERSION = 1
@@ -135,6 +136,10 @@ def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cp
         raise CheckpointError(f"{ckpt_dir}/quant_config.json has a malformed layer entry ({type(exc).__name__}: {exc})") from None
     state = load_tensors(ckpt_dir / "model.safetensors")
     check_quant_params(state, f"{ckpt_dir}/model.safetensors")
+    fold = getattr(model, "fold_constant_prompt", None)
+    topo = topology_of(model)
+    if fold is not None and any(k.endswith(".value") and topo.is_constant_prompt_module(k[: -len(".value")]) for k in state):
+        fold()  # saved after quantize_ folded the constant-prompt k/v: same structure; the saved constants load below
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

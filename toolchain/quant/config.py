@@ -195,7 +195,12 @@ class QuantConfig:
 
 
 def quantizable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Conv2d/Linear modules (float or already quantized) with their paths."""
+    """Conv2d/Linear modules (float or already quantized) with their paths, except those the model kind's
+    topology marks as seeing only a constant prompt (OSEDiff's cross-attention k/v: their outputs are
+    constants, folded by ``fold_constant_prompt`` at export)."""
+    from toolchain.topology import topology_of
+
+    topo = topology_of(model)
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not topo.is_constant_prompt_module(name):
             yield name, module
