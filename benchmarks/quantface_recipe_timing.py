@@ -1,10 +1,18 @@
-"""Wall time, peak memory and throughput of the full QuantFace recipe (balancing + QD-LoRA) per stage.
+"""Wall time, peak memory and throughput of the full QuantFace recipe per stage, with mixed precision.
 
-Runs the same stages as `toolchain quantize --method quantface` one by one, timing each, on a model
-of the chosen preset (random initialisation is enough for timing). Calibration images are the
-bundled faces resized to the model size and degraded (cycled to --images).
+Runs the same stages as `toolchain quantize --method quantface` (+ `allocate all` with `--mp`) one by
+one, timing each, on a model of the chosen preset (random initialisation is enough for timing):
+channel statistics + balancing, SVD/LoRA init, weight and activation calibration, [checkpoint,
+sensitivity sweep, error table, integer program, per-layer activation bits applied], QD-LoRA
+distillation (``--epochs`` passes over the calibration images, or ``--steps``), merge, save.
+Calibration images are the bundled faces resized to the model size and degraded (cycled to --images).
 
-    python benchmarks/quantface_recipe_timing.py --preset osdface --images 16 --steps 30 --out benchmarks/results/quantface_recipe_osdface
+    python benchmarks/quantface_recipe_timing.py --preset osdface --images 512 --epochs 1 --batch-size 4 --mp \
+        --sweep-images 2 --out benchmarks/results/recipe_512        # issue: whole recipe at 512 images
+    python benchmarks/quantface_recipe_timing.py --preset tiny --images 8 --epochs 1 --mp --out /tmp/t   # CPU smoke test
+
+The distillation loss is MSE only when ``--mse-only`` (no perceptual network: the GPU machine has no
+stlpips wheel); the sweep metric is ``--sweep-metric`` (mse by default, which needs no weights).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from toolchain.methods.balanced import balance_model  # noqa: E402
 from toolchain.methods.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, preset  # noqa: E402
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model  # noqa: E402
+from toolchain.quant.checkpoint import save_quantized  # noqa: E402
 from toolchain.quant.config import QuantConfig  # noqa: E402
 
 
@@ -53,13 +62,53 @@ class Stages:
         return out
 
 
+def mixed_precision_stages(st: Stages, model, qcfg, calib: Path, args, device: torch.device) -> dict:
+    """Sensitivity sweep, error table and integer program on the calibrated model (before QD-LoRA, as
+    the recipe orders them), then each activation quantizer re-gridded to its allocated bits."""
+    from toolchain.alloc.allocate import SolveSettings, build_table
+    from toolchain.alloc.common import activation_layers, quantizer_at_bits
+    from toolchain.alloc.errors import error_table
+    from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
+
+    ck = args.work / "calibrated"
+    st.run("save calibrated checkpoint (sweep input)", lambda: save_quantized(model, qcfg, ck, {"benchmark": "quantface_recipe_timing"}))
+    settings = SweepSettings(metric=args.sweep_metric, images=args.sweep_images)
+    sens = st.run(f"sensitivity sweep ({args.sweep_images} images, {args.sweep_metric})",
+                  lambda: run_sensitivity(ck, calib, args.work / "alloc", settings, device=str(device)))
+    errors = st.run(f"error table ({args.error_images} images, bits 3-6)",
+                    lambda: error_table(ck, calib, [3, 4, 5, 6], images=args.error_images, device=str(device)))
+    table = st.run(f"integer program (budget A{args.budget_bits})",
+                   lambda: build_table(sens, errors, SolveSettings(budget_bits=args.budget_bits), str(ck), args.work / "alloc",
+                                       {"metric": args.sweep_metric}))
+    bits = {r["name"]: r["a_bits"] for r in table["layers"]}
+
+    def apply() -> int:
+        n = 0
+        for name, layer in activation_layers(model).items():
+            if name in bits and layer.input_quantizer is not None and layer.input_quantizer.bits != bits[name]:
+                layer.input_quantizer = quantizer_at_bits(layer.input_quantizer, bits[name])
+                n += 1
+        return n
+
+    changed = st.run("apply allocated activation bits", apply)
+    return {"average_a_bits": table["average_a_bits"], "layers": len(bits), "layers_changed": changed,
+            "solver": table["solver"], "bits_histogram": {str(b): sum(v == b for v in bits.values()) for b in sorted(set(bits.values()))}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="osdface")
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=30, help="QD-LoRA steps (ignored with --epochs)")
+    ap.add_argument("--epochs", type=float, default=None, help="QD-LoRA passes over the calibration images")
+    ap.add_argument("--mp", action="store_true", help="mixed precision: sweep + error table + MIP before QD-LoRA")
+    ap.add_argument("--sweep-images", type=int, default=2)
+    ap.add_argument("--sweep-metric", default="mse")
+    ap.add_argument("--error-images", type=int, default=4)
+    ap.add_argument("--budget-bits", type=float, default=4.0)
+    ap.add_argument("--mse-only", action="store_true", help="distil with MSE only (no perceptual network)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantface_timing"))
@@ -78,11 +127,19 @@ def main() -> None:
     st.run("SVD branch init (rank %d) + LoRA branch" % args.rank, lambda: attach_branches(model, args.rank, args.rank, 0))
     st.run("weight calibration", lambda: calibrate_weights(model))
     st.run("activation calibration", lambda: calibrate_activations(model, batches))
-    res = st.run(f"QD-LoRA distillation ({args.steps} steps, batch {args.batch_size})",
-                 lambda: train_branches(model, batches, args.work / "qdlora", args.steps, 1e-5, 0, device), images=args.steps * args.batch_size)
+    mp_summary = None
+    if args.mp:
+        mp_summary = mixed_precision_stages(st, model, qcfg, calib, args, device)
+    if args.epochs is not None:
+        args.steps = max(1, round(args.epochs * len(batches)))
+    res = st.run(f"QD-LoRA distillation ({args.steps} steps = {args.steps * args.batch_size / max(1, args.images):.2f} epochs, batch {args.batch_size})",
+                 lambda: train_branches(model, batches, args.work / "qdlora", args.steps, 1e-5, 0, device,
+                                        w_perceptual=0.0 if args.mse_only else 0.5, w_mse=1.0 if args.mse_only else 0.5),
+                 images=args.steps * args.batch_size)
     train_row = st.rows[-1]
     train_row["images_per_second"] = round(args.steps * args.batch_size / max(train_row["seconds"], 1e-9), 3)
     st.run("merge branches", lambda: merge_all(model))
+    st.run("save checkpoint", lambda: save_quantized(model, qcfg, args.work / "final", {"benchmark": "quantface_recipe_timing"}))
     per_img = train_row["seconds"] / max(1, args.steps * args.batch_size)
     summary = {
         "command": command_line(), "environment": environment(), "preset": args.preset, "params_M": round(params / 1e6, 1),
@@ -91,6 +148,9 @@ def main() -> None:
         "extrapolated": {"seconds_per_training_image": round(per_img, 3),
                          "hours_for_512_image_epoch": round(per_img * 512 / 3600, 3)},
         "paper": "QD-LoRA calibration on 512 FFHQ images: 2.6 GPU-hours, 35.7 GB on one A800",
+        "mixed_precision": mp_summary, "qdlora_steps": args.steps, "qdlora_epochs": round(args.steps * args.batch_size / max(1, args.images), 3),
+        "total_minutes": round(sum(r["seconds"] for r in st.rows) / 60, 2),
+        "peak_gpu_GiB": max((r.get("peak_gpu_GiB", 0) for r in st.rows), default=None),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "results.json", summary)
@@ -99,6 +159,10 @@ def main() -> None:
              "| stage | seconds | peak GPU memory (GiB) |", "|---|---|---|"]
     for r in st.rows:
         lines.append(f"| {r['stage']} | {r['seconds']} | {r.get('peak_gpu_GiB', '–')} |")
+    lines.append(f"| **total** | {summary['total_minutes'] * 60:.1f} ({summary['total_minutes']} min) | {summary['peak_gpu_GiB'] or '–'} |")
+    if mp_summary:
+        lines.append(f"\nMixed precision: average A{mp_summary['average_a_bits']:.2f} over {mp_summary['layers']} layers "
+                     f"(bits histogram {mp_summary['bits_histogram']}), solver {mp_summary['solver']['status']}.")
     lines.append(f"\nQD-LoRA throughput: {train_row['images_per_second']} images/s (batch {args.batch_size}); one pass over 512 images "
                  f"≈ {summary['extrapolated']['hours_for_512_image_epoch']} h. Paper: 2.6 GPU-hours and 35.7 GB on an A800 for 512 images "
                  "(its number of passes is not stated).")
