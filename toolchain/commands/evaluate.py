@@ -10,7 +10,7 @@ from toolchain.commands.common import add_runtime_args, resolve_model_path
 
 
 # The names toolchain.eval.metrics knows (PAIRED_METRICS + SET_METRICS), kept here so --help needs no torch; a test checks they agree.
-METRIC_NAMES = ("psnr", "ssim", "st_lpips", "lpips", "fid", "fd_stlpips")
+METRIC_NAMES = ("psnr", "ssim", "st_lpips", "lpips", "identity_deg", "lmd", "niqe", "fid", "fd_stlpips")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None, help="architecture preset for model files without config")
     p.add_argument("--checkpoint", type=Path, action="append", default=[], help="quantized checkpoint dir; repeatable")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
-    p.add_argument("--metrics", default="psnr,ssim,st_lpips,fd_stlpips,lpips,fid",
-                   help=f"comma list of {', '.join(METRIC_NAMES)} (lpips and fid need weights in --weights-dir and are skipped with "
-                        "a reason without them; an unknown name is an error)")
+    p.add_argument("--metrics", default="psnr,ssim,st_lpips,identity_deg,lmd,niqe,fd_stlpips,lpips,fid",
+                   help=f"comma list of {', '.join(METRIC_NAMES)} (lpips and fid need weights in --weights-dir; identity_deg and "
+                        "lmd need the packages dlib-bin and face-recognition-models; niqe needs images of at least 96 px; "
+                        "a metric that cannot run is skipped with the reason; an unknown name is an error)")
     p.add_argument("--weights-dir", type=Path, default=None, help="folder with metric backbone weights (LPIPS AlexNet, Inception)")
     p.add_argument("--accounting-size", type=int, default=None, help="input size for params/ops accounting (default: model size)")
     p.add_argument("--out", type=Path, required=True, help="output folder for report.json and grid.png (other files in it are left alone)")
@@ -54,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
         line = f"{label:>22}: vs HQ PSNR {hq.get('psnr', float('nan')):.2f} dB"
         if "st_lpips" in hq:
             line += f", ST-LPIPS {hq['st_lpips']:.4f}"
+        if "identity_deg" in hq:
+            line += f", ID {hq['identity_deg']:.1f}°"
+        if "lmd" in hq:
+            line += f", LMD {hq['lmd']:.2f} px"
+        if "niqe" in hq:
+            line += f", NIQE {hq['niqe']:.2f}"
         if fp:
             line += f" | vs FP PSNR {fp.get('psnr', float('nan')):.2f} dB"
         print(line)

@@ -27,24 +27,27 @@ def restore_set(model: Callable[[torch.Tensor], torch.Tensor], lq_batches: list[
     return torch.cat(outs)
 
 
-def resolve_metrics(names: list[str], weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
+def resolve_metrics(names: list[str], weights_dir: str | None, image_size: int | None = None) -> tuple[list[str], dict[str, str]]:
     """Keep metrics whose weights are present; explain the others (weights missing → skipped with the reason).
 
+    ``image_size``: the side of the images to be scored, when known; ``niqe`` is skipped below its 96 px patch.
     Raises ConfigError for a name that is no metric at all, and for an empty list."""
+    known = ", ".join(M.PAIRED_METRICS + M.SET_METRICS)
     if not names:
-        raise ConfigError(f"--metrics is empty (known: {', '.join(M.PAIRED_METRICS + M.SET_METRICS)})")
+        raise ConfigError(f"--metrics is empty (known: {known})")
     usable, skipped = [], {}
     for name in names:
         try:
-            if name == "lpips":
-                M.make_lpips(weights_dir)
-            elif name == "fid":
-                M._require(weights_dir, M.INCEPTION_FILE, "fid")
-            elif name not in M.PAIRED_METRICS + M.SET_METRICS:
-                raise ConfigError(f"unknown metric '{name}' (known: {', '.join(M.PAIRED_METRICS + M.SET_METRICS)})")
-            usable.append(name)
+            M.check_metric_available(name, weights_dir)
+        except KeyError:
+            raise ConfigError(f"unknown metric '{name}' (known: {known})") from None
         except MissingWeightsError as exc:
             skipped[name] = str(exc)
+            continue
+        if name == "niqe" and image_size is not None and image_size < M.NIQE_MIN_SIZE:
+            skipped[name] = f"NIQE needs images of at least {M.NIQE_MIN_SIZE}×{M.NIQE_MIN_SIZE} px (its patch size); these are {image_size} px"
+            continue
+        usable.append(name)
     return usable, skipped
 
 

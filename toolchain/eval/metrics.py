@@ -12,6 +12,12 @@ Inputs are NCHW tensors in [0, 1]; every metric returns one value per image.
                             ``inception_v3_google-0cc3c7bd.pth`` in ``--weights-dir``.
 * ``fd_stlpips``          – labelled FID substitute: Fréchet distance of ST-LPIPS AlexNet features
                             (never to be compared with published FID).
+* ``identity_deg``        – angle (degrees) between dlib 128-D face embeddings of output and reference
+                            (``toolchain.eval.face``; packages ``dlib-bin`` + ``face-recognition-models``).
+                            The paper's "Deg." uses ArcFace: not comparable.
+* ``lmd``                 – mean distance (pixels) between dlib 68-point landmarks of output and reference.
+* ``niqe``                – no-reference NIQE with the published pristine parameters
+                            (``toolchain.eval.niqe``); computed on the output alone.
 
 Missing weights raise MissingWeightsError naming the file; nothing is downloaded.
 """
@@ -187,13 +193,38 @@ def inception_features(images: torch.Tensor, weights_dir: str | Path | None) -> 
         return net((x - mean) / std).double().numpy()
 
 
-PAIRED_METRICS = ("psnr", "ssim", "st_lpips", "lpips")
+PAIRED_METRICS = ("psnr", "ssim", "st_lpips", "lpips", "identity_deg", "lmd", "niqe")
 SET_METRICS = ("fid", "fd_stlpips")
+# Paired in form (pred, ref) but computed on pred alone: the same value against HQ and against FP.
+NO_REFERENCE_METRICS = ("niqe",)
 DEFAULT_METRICS = ("psnr", "ssim", "st_lpips", "fd_stlpips")
-LOWER_IS_BETTER = {"st_lpips", "lpips", "fid", "fd_stlpips"}
+LOWER_IS_BETTER = {"st_lpips", "lpips", "fid", "fd_stlpips", "identity_deg", "lmd", "niqe"}
+NIQE_MIN_SIZE = 96  # NIQE's patch side
+
+
+def check_metric_available(name: str, weights_dir: str | Path | None = None) -> None:
+    """Raise MissingWeightsError (naming the file or package to install) when ``name`` cannot run here;
+    KeyError for a name that is no metric."""
+    if name == "lpips":
+        make_lpips(weights_dir)
+    elif name == "fid":
+        _require(weights_dir, INCEPTION_FILE, "fid")
+    elif name in ("identity_deg", "lmd"):
+        from toolchain.eval import face
+
+        face.check_available(name)
+    elif name == "niqe":
+        from toolchain.eval.niqe import pristine_params
+
+        pristine_params()
+    elif name not in PAIRED_METRICS + SET_METRICS:
+        raise KeyError(name)
 
 
 def paired_metric(name: str, weights_dir: str | Path | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The function ``(pred, ref) -> (N,) tensor`` of a per-image metric; NCHW inputs in [0, 1].
+
+    Raises MissingWeightsError when its weights or packages are absent, KeyError for an unknown name."""
     if name == "psnr":
         return psnr
     if name == "ssim":
@@ -202,6 +233,15 @@ def paired_metric(name: str, weights_dir: str | Path | None = None) -> Callable[
         return lambda a, b: st_lpips(a, b).detach()
     if name == "lpips":
         return make_lpips(weights_dir)
+    if name in ("identity_deg", "lmd"):
+        from toolchain.eval import face
+
+        face.check_available(name)
+        return getattr(face, name)
+    if name == "niqe":
+        from toolchain.eval.niqe import niqe
+
+        return lambda a, b: niqe(a)
     raise KeyError(name)
 
 

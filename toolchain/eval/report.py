@@ -33,13 +33,15 @@ def evaluate_to_folder(args: argparse.Namespace) -> dict[str, Any]:
     from toolchain.models.storage import load_model
     from toolchain.quant.checkpoint import load_quantized, read_checkpoint_meta
 
-    metric_names, skipped = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()], args.weights_dir)
+    requested = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    resolve_metrics(requested, args.weights_dir)  # unknown names fail before any model is loaded
     device = device_from_arg(args.device)
     metas = [read_checkpoint_meta(c) for c in args.checkpoint]
     data = CalibrationSet.open(args.data)
     fp_model = load_model(_reference_model_path(args, metas), args.preset).to(device)
     size = fp_model.image_size
     lq_batches, lq, hq = load_eval_set(data, size, args.limit, args.batch_size, getattr(fp_model.config, "upscale", 1))
+    metric_names, skipped = resolve_metrics(requested, args.weights_dir, int(min(hq.shape[-2:])))
     acc_size = args.accounting_size or size
     example = torch.zeros(1, 3, acc_size, acc_size, device=device)
 
@@ -71,7 +73,10 @@ def evaluate_to_folder(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metric_names,
         "skipped_metrics": skipped,
         "metric_notes": {"st_lpips": "shift-tolerant LPIPS (AlexNet); not comparable to published LPIPS",
-                         "fd_stlpips": "Fréchet distance of ST-LPIPS features; a labelled FID substitute, not FID"},
+                         "fd_stlpips": "Fréchet distance of ST-LPIPS features; a labelled FID substitute, not FID",
+                         "identity_deg": "degrees between dlib 128-D face embeddings (not ArcFace: not comparable with the paper's Deg.)",
+                         "lmd": "mean distance in pixels at the images' resolution between dlib 68-point landmarks",
+                         "niqe": "no-reference NIQE (published pristine model) of the output alone; vs_hq and vs_fp hold the same value"},
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
