@@ -130,7 +130,7 @@ def _broken_vre(path, drop=None, reshape=None):
 
 
 @pytest.mark.parametrize("case", ["missing_key", "misshaped_key", "proj_as_vre", "vre_as_proj", "proj_as_lora",
-                                  "vre_as_lora_safetensors", "lora_target_not_in_unet", "malicious_vre"])
+                                  "vre_as_lora_safetensors", "lora_target_not_in_unet", "malicious_vre", "inf_lora", "truncated_vre"])
 def test_bad_inputs_give_one_error_line_naming_the_file(release, tmp_path, capsys, case):
     files = dict(release)
     marker = tmp_path / "ran"
@@ -157,6 +157,18 @@ def test_bad_inputs_give_one_error_line_naming_the_file(release, tmp_path, capsy
         save_file(lora, str(files["lora"]))
     elif case == "malicious_vre":
         files["vre"] = malicious_pickle(tmp_path / "associate_evil.ckpt", marker)
+    elif case == "inf_lora":
+        from safetensors.torch import load_file, save_file
+
+        lora = load_file(str(release["lora"]))
+        key = next(k for k in lora if "lora_B" in k)
+        lora[key] = lora[key].clone()
+        lora[key].view(-1)[0] = float("inf")
+        files["lora"] = tmp_path / "inf_lora.safetensors"
+        save_file(lora, str(files["lora"]))
+    elif case == "truncated_vre":
+        files["vre"] = tmp_path / "assoc_cut.ckpt"
+        files["vre"].write_bytes(release["vre"].read_bytes()[:200_000])
     out = tmp_path / "out"
     capsys.readouterr()
     args = ["model", "import", "osdface", "--out", str(out)] + [x for k in ("sd", "vre", "proj", "lora") for x in (f"--{k}", str(files[k]))]
@@ -165,6 +177,12 @@ def test_bad_inputs_give_one_error_line_naming_the_file(release, tmp_path, capsy
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     bad_flag = {"missing_key": "vre", "misshaped_key": "vre", "proj_as_vre": "vre", "vre_as_proj": "proj", "proj_as_lora": "lora",
-                "vre_as_lora_safetensors": "lora", "lora_target_not_in_unet": "lora", "malicious_vre": "vre"}[case]
+                "vre_as_lora_safetensors": "lora", "lora_target_not_in_unet": "lora", "malicious_vre": "vre", "inf_lora": "lora",
+                "truncated_vre": "vre"}[case]
     assert str(files[bad_flag]) in lines[0], lines[0]
+    assert lines[0].isprintable(), lines[0]  # no bytes of the file on the terminal
+    if case == "inf_lora":
+        assert "non-finite" in lines[0]
+    if case == "truncated_vre":
+        assert "truncated or damaged" in lines[0]
     assert not out.exists() and not marker.exists()

@@ -76,35 +76,62 @@ def test_import_equals_plain_upstream_forward(release, imported):
     assert report["vae_lora"]["targets"] == len(OSEDIFF_VAE_TARGETS)
 
 
-@pytest.mark.parametrize("case", ["lora_target_missing", "rank_mismatch", "no_conv_in", "not_a_pkl", "prompt_shape"])
+@pytest.mark.parametrize("case", ["lora_target_missing", "rank_mismatch", "no_conv_in", "not_a_pkl", "prompt_shape", "nan_lora",
+                                  "nan_prompt", "truncated_pkl"])
 def test_bad_inputs_give_one_error_line_naming_the_file(release, tmp_path, capsys, case):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
 
     files = dict(release)
-    if case in ("lora_target_missing", "rank_mismatch", "no_conv_in"):
+    if case in ("lora_target_missing", "rank_mismatch", "no_conv_in", "nan_lora"):
         d = osediff_pkl_dict(UNet2DConditionModel.from_pretrained(str(release["sd"] / "unet")).state_dict(),
                              AutoencoderKL.from_pretrained(str(release["sd"] / "vae")).state_dict())
         if case == "lora_target_missing":
             d["unet_lora_others_modules"] = d["unet_lora_others_modules"] + ["mid_block.nothing"]
         elif case == "rank_mismatch":
             d["rank_unet"] = 8
+        elif case == "nan_lora":  # a diverged/damaged file: refused, not imported into a model nothing can load
+            key = next(k for k in d["state_dict_unet"] if "lora_A" in k)
+            d["state_dict_unet"][key] = d["state_dict_unet"][key].clone()
+            d["state_dict_unet"][key].view(-1)[0] = float("nan")
         else:
             del d["state_dict_unet"]["conv_in.base_layer.weight"]
         files["weights"] = tmp_path / "bad_osediff.pkl"
         torch.save(d, files["weights"])
     elif case == "not_a_pkl":
         files["weights"] = files["prompt_embedding"]
+    elif case == "truncated_pkl":
+        files["weights"] = tmp_path / "cut_osediff.pkl"
+        files["weights"].write_bytes(release["weights"].read_bytes()[:4000])
+    elif case == "nan_prompt":
+        files["prompt_embedding"] = tmp_path / "nan_prompt.safetensors"
+        save_file({"p": torch.full((1, 77, 32), float("inf"))}, str(files["prompt_embedding"]))
     else:
         files["prompt_embedding"] = tmp_path / "bad_prompt.safetensors"
         save_file({"p": torch.zeros(1, 76, 32)}, str(files["prompt_embedding"]))
-    bad = files["prompt_embedding"] if case == "prompt_shape" else files["weights"]
+    bad = files["prompt_embedding"] if case in ("prompt_shape", "nan_prompt") else files["weights"]
     capsys.readouterr()
     assert main(_args(files, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err and str(bad) in lines[0], err
+    assert lines[0].isprintable()  # no bytes of the file on the terminal
+    if case.startswith("nan"):
+        assert "non-finite" in lines[0]
+    if case == "truncated_pkl":
+        assert "truncated or damaged" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_prompt_embedding_as_a_bare_tensor_pt(release, tmp_path):
+    """`torch.save(t, "prompt.pt")` is the natural way to write the embedding: accepted like the safetensors file."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(release["prompt_embedding"]))["prompt_embeds"]
+    files = dict(release, prompt_embedding=tmp_path / "prompt.pt")
+    torch.save(t.clone(), files["prompt_embedding"])
+    assert main(_args(files, tmp_path / "m")) == 0
+    assert (tmp_path / "m").is_dir()
 
 
 def test_restore_quantize_and_export_on_osediff(imported, tmp_path):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from toolchain.errors import CheckpointError
-from toolchain.io.weights import load_tensors, save_tensors
+from toolchain.io.weights import check_finite, load_tensors, save_tensors
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -34,6 +34,7 @@ def pickle_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> str
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"the converted file must end in .safetensors: {dst}")
     tensors = load_tensors(src)
+    check_finite(tensors, str(src))  # a damaged file stays unconverted rather than becoming a clean-looking one
     save_tensors(dst, tensors, metadata={"source": src.name, "source_sha256": sha256_file(src)})
     n = sum(t.numel() for t in tensors.values())
     return f"{len(tensors)} tensors, {n:,} values"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -106,6 +107,15 @@ class RestrictedLoad:
     quarantined: list[str] = field(default_factory=list)   # sorted "module.name" globals replaced by placeholders
     dropped_top_level: list[str] = field(default_factory=list)  # top-level keys not kept (Lightning metadata)
     lightning: bool = False
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """One printable line saying why a file could not be read: 'truncated or damaged' plus the first line
+    of the library's reason with control characters and bytes that are not text removed (≤ 120 chars)."""
+    first = (str(exc).splitlines() or [""])[0]
+    text = "".join(c if c.isprintable() and ord(c) < 0x2500 else "?" for c in first)
+    text = re.sub(r"\?{2,}", "…", text).strip()[:120]
+    return f"the file is truncated or damaged ({type(exc).__name__}{': ' + text if text else ''})"
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> Any:
@@ -292,7 +302,7 @@ def load_restricted(path: str | os.PathLike) -> RestrictedLoad:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             struct.error, zipfile.BadZipFile, OSError, RecursionError, MemoryError) as exc:
         _close(reader)
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {unreadable_reason(exc)}") from None
 
     try:
         return _keep_state_dict(path, obj, sorted(up.quarantined), reader)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_write_bytes
-from toolchain.io.safe_pickle import load_restricted
+from toolchain.io.safe_pickle import load_restricted, unreadable_reason
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 
@@ -42,7 +42,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+            raise CheckpointError(f"{path} is not a valid safetensors file: {unreadable_reason(exc)}") from None
     if path.suffix == ".ckpt":
         return load_restricted(path).tensors
     if path.suffix in PICKLE_SUFFIXES:
@@ -74,7 +74,7 @@ def torch_load_weights_only(path: Path, kind: str = "torch checkpoint") -> objec
             "or get a weights-only checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable {kind} ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(f"{path} is not a readable {kind}: {unreadable_reason(exc)}") from None
 
 
 def _load_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_directory, atomic_write_json
 from toolchain.io.convert import sha256_file
-from toolchain.io.weights import load_tensors, save_tensors
+from toolchain.io.weights import check_finite, load_tensors, save_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osdface import OSDFaceModel
 from toolchain.models.release.lora import merge_lora, read_lora
@@ -42,7 +42,9 @@ REPORT_NAME = "import_report.json"
 def _load(path: Path, flag: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} not found (given to {flag})")
-    return load_tensors(path)
+    tensors = load_tensors(path)
+    check_finite(tensors, f"{path} (given to {flag})")
+    return tensors
 
 
 def import_osdface(sd: str | os.PathLike, vre: str | os.PathLike, proj: str | os.PathLike, lora: str | os.PathLike,

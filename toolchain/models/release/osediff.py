@@ -28,7 +28,7 @@ import torch
 from toolchain.errors import CheckpointError
 from toolchain.io.atomic import atomic_directory, atomic_write_json
 from toolchain.io.convert import sha256_file
-from toolchain.io.weights import load_tensors, save_tensors
+from toolchain.io.weights import check_finite, load_tensors, save_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osediff import OSEDiffModel
 from toolchain.models.release.lora import LoraPair, merge_lora
@@ -60,6 +60,9 @@ def read_osediff_pkl(path: Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         raise CheckpointError(f"{path} is not an OSEDiff checkpoint (osediff.pkl): no '{missing[0]}'")
+    for k in ("state_dict_unet", "state_dict_vae"):
+        if isinstance(obj[k], dict):
+            check_finite(obj[k], f"{path} ({k})")
     for k in ("rank_unet", "rank_vae"):
         if not isinstance(obj[k], int) or obj[k] <= 0:
             raise CheckpointError(f"{path}: {k} must be a positive integer, got {obj[k]!r}")
@@ -99,7 +102,14 @@ def _pairs(state: dict, targets: dict[str, set[str]], rank: int, where: str, par
 def _prompt(path: Path, width: int) -> torch.Tensor:
     if not path.is_file():
         raise CheckpointError(f"{path} not found (given to --prompt-embedding)")
-    tensors = load_tensors(path)
+    if path.suffix in (".pt", ".pth"):  # torch.save(t, "prompt.pt") is the natural way to write one
+        from toolchain.io.weights import torch_load_weights_only
+
+        obj = torch_load_weights_only(path, "torch file")
+        tensors = {"prompt_embeds": obj} if isinstance(obj, torch.Tensor) else load_tensors(path)
+    else:
+        tensors = load_tensors(path)
+    check_finite(tensors, str(path))
     if len(tensors) != 1:
         raise CheckpointError(f"{path}: a prompt embedding file holds exactly one tensor, found {len(tensors)}")
     t = next(iter(tensors.values())).float()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from toolchain.errors import CheckpointError
+from toolchain.io.weights import check_finite
 
 
 @dataclass
@@ -63,7 +64,9 @@ def _load_part(folder: Path, cls: Any) -> tuple[dict, dict[str, torch.Tensor], P
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, EnvironmentError) as exc:
         raise CheckpointError(f"cannot load {folder} as a diffusers {cls.__name__} ({str(exc).splitlines()[0][:200]})") from None
     weights = [p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin")]
-    return dict(model.config), {k: v.detach().clone() for k, v in model.state_dict().items()}, (weights[0] if weights else cfg_path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    check_finite(state, str(weights[0] if weights else folder))
+    return dict(model.config), state, (weights[0] if weights else cfg_path)
 
 
 def read_sd_folder(path: str | Path) -> SDParts:
