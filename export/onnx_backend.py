@@ -6,6 +6,10 @@
 * Online Hadamard transforms are ``quantface.HadamardNCHW`` / ``quantface.HadamardLast`` nodes backed
   by local functions (onnxscript), so ONNX Runtime executes them and compilers see them by name.
 * Low-rank branches are float16 initializers cast to float.
+* ``qdq_format="ort"``: every quantized conv/linear with an 8-bit input grid becomes a node unit ONNX
+  Runtime fuses (DQ → Conv/MatMul ← DQ(int8 weight) [← DQ(int32 bias)] → Q → DQ): QLinearConv,
+  QLinearMatMul, QGemm. Its output Q is an 8-bit requantization the fake-quant model does not have,
+  calibrated on sample inputs (``calibrate_output_grids``); ``ort_fused_nodes`` counts what ORT fused.
 * Models over 2 GB are written with external data (``model.onnx`` + ``model.onnx.data``).
 """
 
@@ -116,7 +120,7 @@ def finalize(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) -> d
     for layer, info in layer_info.items():
         key = f"{layer}.weight_int" if layer else "weight_int"
         init = next((v for k, v in by_name.items() if k.endswith(key)), None)
-        if init is None or info["w_bits"] is None:
+        if init is None or info["w_bits"] is None or info.get("weight_container") == "int8":  # ort form: int8 container
             continue
         if info["w_bits"] <= 4:
             _to_int4(init)
@@ -130,11 +134,155 @@ def finalize(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) -> d
             "hadamard_functions": sorted(used), "op_counts": ops}
 
 
-def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "full", dynamic: bool = False, opset: int = OPSET) -> dict[str, Any]:
-    """Export ``model`` (float or quantized) to ``out``; returns a report (sizes, counts, layer table)."""
+QDQ_FORMATS = ("exact", "ort")
+FUSED_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul")
+
+
+def default_calib_inputs(model: torch.nn.Module, part: str, images: int = 3) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs of ``part`` for the bundled faces (calibration/faces), degraded to LQ at the model's input size;
+    used for the ``ort`` format's output grids when export is given no calibration set."""
+    from calibration import BUNDLED_FACES
+    from calibration.dataset import CalibrationSet, build_calibration_set
+    from export.parts import part_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = build_calibration_set([BUNDLED_FACES], Path(tmp) / "set", n=images, size=model.image_size, seed=0, progress=False)
+        batches = CalibrationSet.open(root).batches(model.image_size, 1)
+    return part_inputs(model, part, batches)
+
+
+@torch.no_grad()
+def calibrate_output_grids(module: torch.nn.Module, wrapped: torch.nn.Module, calib_inputs: list[tuple[torch.Tensor, ...]]
+                           ) -> dict[str, tuple[float, float]]:
+    """Set the uint8 output grid of every ``ort``-flavour layer of ``module`` that runs in ``wrapped``.
+
+    Runs ``wrapped`` (a part of ``module``) on each input tuple with the output grids off — the values the
+    fake-quant model computes — and fits each layer's grid to its conv/matmul output (bias included,
+    low-rank branch not): the least-squared-error range among min/max shrunk by 0–60 %
+    (``export.prepare.output_grid``). Returns layer → (range lo, range hi, SQNR dB of the grid on the
+    sampled outputs) for the layers that ran; layers of other parts are left uncalibrated (they are not
+    in the graph). Raises ExportError with no inputs."""
+    from export.prepare import ExportQuantLayer, output_grid
+
+    if not calib_inputs:
+        raise ExportError("the ort QDQ format needs sample inputs to calibrate the op output grids")
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, ExportQuantLayer) and m.flavour == "ort"}
+    for layer in layers.values():
+        layer.output_range, layer.output_samples = (), []
+        layer.out_calibrated = False
+    grids: dict[str, tuple[float, float, float]] = {}
+    try:
+        for inp in calib_inputs:
+            wrapped(*inp)
+        for n, layer in layers.items():
+            if layer.output_range:
+                grids[n] = output_grid(torch.cat(layer.output_samples), *layer.output_range)
+    finally:
+        for layer in layers.values():
+            layer.output_range, layer.output_samples = None, []
+    for n, (lo, hi, _) in grids.items():
+        layers[n].set_output_range(lo, hi)
+    return grids
+
+
+def merge_requantizations(proto: onnx.ModelProto) -> int:
+    """Q1 → DQ1 → Q2 → DQ2 (an op output requantized, then at once quantized again for the next layer)
+    becomes Q1' → DQ2 with Q1' = Q1 on Q2's grid: the op output is quantized once, with the next layer's
+    scale and zero point. ORT's DoubleQDQPairsRemover makes the same change in a default session, but its
+    merged grid then kept the next conv from fusing (tiny model, decoder conv_in: ORT 1.32), so the
+    graph is written merged. Only where DQ1 feeds Q2 alone, nothing else reads DQ1, and Q1/Q2 have the
+    same container type; returns the number of pairs merged."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in proto.graph.output}
+    drop: set[int] = set()
+    merged = 0
+    for q2 in [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]:
+        dq1 = producer.get(q2.input[0])
+        if dq1 is None or dq1.op_type != "DequantizeLinear" or dq1.output[0] in outputs or len(consumers.get(dq1.output[0], [])) != 1:
+            continue
+        q1 = producer.get(dq1.input[0])
+        if q1 is None or q1.op_type != "QuantizeLinear" or len(consumers.get(q1.output[0], [])) != 1 or len(q2.input) < 3:
+            continue
+        z1, z2 = _resolve(proto, q1.input[2]), _resolve(proto, q2.input[2])
+        if z1 is None or z2 is None or z1.data_type != z2.data_type or not all(c.op_type == "DequantizeLinear" for c in consumers.get(q2.output[0], [])):
+            continue
+        q1.input[1], q1.input[2] = q2.input[1], q2.input[2]
+        for c in consumers.get(q2.output[0], []):
+            c.input[:] = [q1.output[0] if i == q2.output[0] else i for i in c.input]
+        drop |= {id(dq1), id(q2)}
+        merged += 1
+    keep = [n for n in proto.graph.node if id(n) not in drop]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    used = {i for n in proto.graph.node for i in n.input}
+    inits = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(inits)
+    return merged
+
+
+def ort_fused_nodes(path: str | os.PathLike) -> dict[str, int]:
+    """What ONNX Runtime's own QDQ transformer makes of the graph at ``path``: op type → count for the
+    fused integer ops (FUSED_OPS) in the session-optimised model (ORT_ENABLE_EXTENDED: the level that
+    runs the QDQ selector/action fusions; no hardware-specific layout changes), plus the remaining
+    ``DequantizeLinear`` / ``QuantizeLinear`` counts. Raises onnxruntime's error for an invalid graph."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node
+    counts = {op: 0 for op in FUSED_OPS + ("QuantizeLinear", "DequantizeLinear")}
+    for n in nodes:
+        if n.op_type in counts:
+            counts[n.op_type] += 1
+    return counts
+
+
+def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "full", dynamic: bool = False, opset: int = OPSET,
+                qdq_format: str = "exact", calib_inputs: list[tuple[torch.Tensor, ...]] | None = None) -> dict[str, Any]:
+    """Export ``model`` (float or quantized) to ``out``; returns a report (sizes, counts, layer table).
+
+    ``qdq_format``: ``"exact"`` (default) — the checkpoint's designed grids, exact in a default ORT session;
+    ``"ort"`` — node units ORT fuses into integer ops (see the module docstring), with op output grids
+    calibrated on ``calib_inputs`` (input tuples of ``part``; None: the bundled faces). The ``ort`` report
+    adds ``ort_layers`` (layers in the fusable form), ``ort_fallback_layers`` (layer → why not) and
+    ``ort_fused_nodes`` (ort_fused_nodes of the written file; ``fused_total`` should equal ``ort_layers``).
+    Raises ExportError for an unknown format, for ``ort`` on a model with no fusable layer, and for
+    anything the exporter cannot represent (naming the layer)."""
     out = Path(out)
-    module, layer_info = export_module(model)
+    if qdq_format not in QDQ_FORMATS:
+        raise ExportError(f"unknown QDQ format '{qdq_format}' (choose from {', '.join(QDQ_FORMATS)})")
+    module, layer_info = export_module(model, "ort" if qdq_format == "ort" else "qdq")
     wrapped, inputs, in_names, out_names = part_module(module, part)
+    ort_report: dict[str, Any] = {}
+    if qdq_format == "ort":
+        from export.prepare import ExportQuantLayer
+
+        fusable = [n for n, m in module.named_modules() if isinstance(m, ExportQuantLayer) and m.flavour == "ort"]
+        if not fusable:
+            reasons = sorted({i.get("ort_fallback", "not quantized") for i in layer_info.values()}) or ["the model has no quantized layers"]
+            raise ExportError(f"--qdq-format ort: no layer can form a fusable QDQ node unit ({'; '.join(reasons)[:300]}); "
+                              "use --qdq-format exact")
+        if calib_inputs is None:
+            calib_inputs = default_calib_inputs(model, part)
+        ranges = calibrate_output_grids(module, wrapped, calib_inputs)
+        for n, (lo, hi, sqnr) in ranges.items():
+            layer_info[n]["output_grid"] = {"lo": lo, "hi": hi, "sqnr_db": round(sqnr, 2)}
+        worst = sorted(ranges, key=lambda n: ranges[n][2])[:5]
+        in_graph = {n for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)}
+        ort_report = {"ort_layers": len(ranges),
+                      "ort_fallback_layers": {n: i["ort_fallback"] for n, i in layer_info.items() if "ort_fallback" in i and n in in_graph},
+                      "output_grid_sqnr_db_worst": {n: round(ranges[n][2], 2) for n in worst},
+                      "output_requantization": "ort format: every fused conv/matmul output is requantized to uint8 (least-squares range over "
+                                               f"{len(calib_inputs)} calibration input(s)); the fake-quant model keeps these outputs in float"}
     padded = False
     if dynamic:  # any height/width: pad to the multiple the skip Concats need, crop back (export.parts)
         from export.parts import pad_for_dynamic
@@ -152,6 +300,8 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
         report = finalize(proto, layer_info)
+        if qdq_format == "ort":
+            ort_report["requantizations_merged"] = merge_requantizations(proto)
         if dynamic:  # say which spatial sizes the graph accepts (its skip Concats fail on others)
             from export.parts import spatial_multiple
 
@@ -179,8 +329,12 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
             if f.name.startswith(out.name):
                 os.replace(f, out.parent / f.name)
     files = [out] + ([out.parent / (out.name + ".data")] if external else [])
+    if qdq_format == "ort":
+        ort_report["ort_fused_nodes"] = fused = ort_fused_nodes(out)
+        fused["fused_total"] = sum(fused[op] for op in FUSED_OPS)
+        report.update(ort_report)
     report.update({
-        "path": str(out), "part": part, "opset": opset, "dynamic": dynamic, "external_data": external,
+        "qdq_format": qdq_format, "path": str(out), "part": part, "opset": opset, "dynamic": dynamic, "external_data": external,
         "bytes": sum(f.stat().st_size for f in files), "seconds": round(time.perf_counter() - t0, 2),
         "inputs": {n: list(t.shape) for n, t in zip(in_names, inputs)}, "outputs": out_names, "layers": layer_info,
     })

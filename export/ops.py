@@ -16,6 +16,8 @@ faithful, traceable copy; their ``symbolic`` (TorchScript exporter) writes:
                     VPMADDUBSW (16-bit pair sums) on CPUs without VNNI, which ONNX Runtime picks by
                     default for QDQ MatMul → MatMulIntegerToFloat, and lost 21–44 % of the output
                     range on attention projections of the tiny model (AVX2 EPYC).
+* ``BiasDQ``      → DequantizeLinear(int32 bias initializer, per-channel scale s_x·s_w, axis 0): the bias
+                    input of an ORT-fusable node unit (``--qdq-format ort``, export/prepare.py)
 * ``Fp16Weight``  → Cast(float16 initializer → float): low-rank branches stored in 16 bit
 * ``Hadamard``    → quantface.HadamardNCHW / quantface.HadamardLast (local functions, see hadamard_onnx)
 """
@@ -71,6 +73,23 @@ class WeightDQ(torch.autograd.Function):
         if zero_point is None or zero_point.node().mustBeNone():
             return g.op("DequantizeLinear", w_stored, scale, axis_i=axis)
         return g.op("DequantizeLinear", w_stored, scale, zero_point, axis_i=axis)
+
+
+class BiasDQ(torch.autograd.Function):
+    """``b_int · scale``: an int32 bias at the product scale of its layer's input and weight.
+
+    Args: b_int int32 (channels,); scale float32 (channels,) = s_x · s_w (zero point 0, ONNX's
+    default for int32). Returns float32 (channels,). Emitted only by the ``ort`` QDQ format, where
+    a runtime's fused QLinearConv / QGemm adds it inside the int32 accumulator.
+    """
+
+    @staticmethod
+    def forward(ctx, b_int, scale):
+        return b_int.to(scale.dtype) * scale
+
+    @staticmethod
+    def symbolic(g, b_int, scale):
+        return g.op("DequantizeLinear", b_int, scale, axis_i=0)
 
 
 class Fp16Weight(torch.autograd.Function):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.ops import ActQDQ, Fp16Weight, Hadamard, WeightDQ
+from export.ops import ActQDQ, BiasDQ, Fp16Weight, Hadamard, WeightDQ
 from toolchain.balance.hadamard import _block, factorize, sylvester
 from toolchain.balance.transform import OnlineBalance
 from toolchain.errors import ExportError
@@ -63,14 +63,68 @@ def hadamard_factors(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hm, hp
 
 
+def ort_fusable(layer: nn.Module) -> str | None:
+    """None if ``layer`` can be an ORT-fusable QDQ node unit (``--qdq-format ort``), else the reason why not.
+
+    A node unit DQ(x) → Conv/MatMul ← DQ(w) → Q needs an 8-bit per-tensor activation grid (ORT's
+    QLinearConv / QLinearMatMul take uint8 or int8 inputs, and a narrowing Clip between Q and DQ
+    would break the unit) and a quantized weight (≤ 8 bits, held in int8)."""
+    q, wq = layer.input_quantizer, layer.weight_quantizer
+    if wq is None:
+        return "float weight"
+    if q is None:
+        return "float input activation"
+    if q.spec.per_channel:
+        return "per-channel activation quantization"
+    if q.spec.bits != 8:
+        return f"{q.spec.bits}-bit input activations (QLinear ops take 8-bit grids; the narrower/wider grid stays in the exact form)"
+    return None
+
+
+OUTPUT_SAMPLES = 1 << 16  # op output values kept per layer and calibration input to fit the ort format's output grid
+
+
+def output_grid(samples: torch.Tensor, lo: float, hi: float, ratios: tuple[float, ...] = tuple(1.0 - 0.05 * i for i in range(13))
+                ) -> tuple[float, float, float]:
+    """The uint8 output range [r·lo, r·hi] (r in ``ratios``) whose quantize-dequantize has the least squared
+    error on ``samples`` (float32 1-D, values of the op output), with ``lo``/``hi`` the observed min/max.
+
+    Returns (range lo, range hi, SQNR of that grid on the samples in dB). Clipping a few outliers buys a
+    finer step for the bulk of the values; r = 1 (min/max) wins where the tails carry the error."""
+    x = samples.double()
+    power = float((x * x).mean()) or 1e-30
+    best: tuple[float, float, float] | None = None
+    for r in ratios:
+        a, b = min(lo * r, 0.0), max(hi * r, 0.0)
+        scale = (b - a) / 255.0 if b > a else 1.0
+        zp = min(255.0, max(0.0, round(-a / scale)))
+        q = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        err = float(((q - x) ** 2).mean())
+        if best is None or err < best[2]:
+            best = (a, b, err)
+    a, b, err = best
+    return a, b, float(10 * np.log10(power / max(err, 1e-30)))
+
+
 class ExportQuantLayer(nn.Module):
-    """``flavour="qdq"``: explicit quantize/dequantize ops (ONNX). ``flavour="float"``: a float graph
-    with dequantized weights and a clamp to the designed activation range, which a TFLite
-    quantizer turns into integer ops with exactly these ranges (TFLite backend)."""
+    """``flavour="qdq"``: explicit quantize/dequantize ops (ONNX, the ``exact`` format). ``flavour="float"``:
+    a float graph with dequantized weights and a clamp to the designed activation range, which a TFLite
+    quantizer turns into integer ops with exactly these ranges (TFLite backend). ``flavour="ort"``: the
+    ``ort`` QDQ format — a node unit that ONNX Runtime's QDQ transformer (and QDQ-consuming NPU EPs) fuse
+    into QLinearConv / QLinearMatMul / QGemm: DQ(uint8 input) → Conv/MatMul ← DQ(int8 weight, zero point
+    0, per channel) [← DQ(int32 bias at s_x·s_w)] → Q(uint8 output) → DQ. The output grid is calibrated
+    (``set_output_range``); until it is, the layer computes what the ``qdq`` flavour computes (and records
+    its output range while ``output_range`` is not None). A layer that cannot form such a unit
+    (``ort_fusable``) falls back to the ``qdq`` flavour and says why in ``describe()["ort_fallback"]``."""
 
     def __init__(self, name: str, layer: nn.Module, flavour: str = "qdq"):
         super().__init__()
         self.name = name
+        self.ort_fallback: str | None = None
+        if flavour == "ort":
+            self.ort_fallback = ort_fusable(layer)
+            if self.ort_fallback is not None:
+                flavour = "qdq"
         self.flavour = flavour
         self.output_range: tuple[float, float] | tuple[()] | None = None  # float flavour: conv/linear output range, when collecting
         self.is_conv = isinstance(layer, QuantConv2d)
@@ -83,6 +137,43 @@ class ExportQuantLayer(nn.Module):
         self._init_weight(layer)
         self._init_branch(layer)
         self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
+        if self.flavour == "ort":
+            self._init_ort_output()
+
+    def _init_ort_output(self) -> None:
+        """Int32 bias at s_x·s_w (rounding moves it by ≤ s_x·s_w/2, far below the output grid's step)
+        and an uncalibrated uint8 output grid."""
+        self.int_bias = self.bias is not None
+        if self.int_bias:
+            bias_scale = (self.act_scale * self.weight_scale).float()
+            ratio = self.bias.detach().double() / bias_scale.double()
+            if not torch.isfinite(ratio).all() or ratio.abs().max() >= 2**31 - 1:
+                raise ExportError(f"layer {self.name}: its bias does not fit int32 at scale s_x*s_w (the ort QDQ format needs an "
+                                  "int32 bias); export with --qdq-format exact")
+            self.register_buffer("bias_int", torch.round(ratio).to(torch.int32))
+            self.register_buffer("bias_scale", bias_scale)
+            self.bias = None
+        self.out_calibrated = False
+        self.output_samples: list[torch.Tensor] = []  # values of the op output seen while calibrating (a random subset per input)
+        self.register_buffer("out_scale", torch.tensor(1.0, dtype=torch.float32))
+        self.register_buffer("out_zero_point", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("out_q_lo", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("out_q_hi", torch.tensor(255, dtype=torch.uint8))
+
+    def set_output_range(self, lo: float, hi: float) -> None:
+        """Fix the ``ort`` flavour's uint8 output grid to cover [lo, hi] ∪ {0} (asymmetric, 256 levels).
+
+        Raises ValueError for a non-finite range or on another flavour."""
+        if self.flavour != "ort":
+            raise ValueError(f"layer {self.name}: only the ort flavour has an output grid")
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"layer {self.name}: output range [{lo}, {hi}] is not finite")
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        zp = int(min(255, max(0, round(-lo / scale))))
+        self.out_scale.fill_(scale)
+        self.out_zero_point.fill_(zp)
+        self.out_calibrated = True
 
     def _init_transform(self, layer) -> None:
         t = layer.input_transform
@@ -125,8 +216,13 @@ class ExportQuantLayer(nn.Module):
             return
         self.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("act_zero_point", torch.tensor(zp + offset, dtype=dtype))
-        self.register_buffer("act_q_lo", torch.tensor(q.spec.qmin + offset, dtype=dtype))
-        self.register_buffer("act_q_hi", torch.tensor(q.spec.qmax + offset, dtype=dtype))
+        if self.flavour == "ort":  # no narrowing Clip inside a node unit: the symmetric 8-bit grid also gets code −128
+            self.act.clamp = False
+            qmin, qmax = cmin - offset, cmax - offset
+        else:
+            qmin, qmax = q.spec.qmin, q.spec.qmax
+        self.register_buffer("act_q_lo", torch.tensor(qmin + offset, dtype=dtype))
+        self.register_buffer("act_q_hi", torch.tensor(qmax + offset, dtype=dtype))
 
     def _init_weight(self, layer) -> None:
         wq = layer.weight_quantizer
@@ -148,6 +244,13 @@ class ExportQuantLayer(nn.Module):
             self.register_buffer("weight_float", w_int.float() * s)
             # plain attributes (not in the traced graph): the TFLite backend writes these exact integers and scales back
             self.design_weight_int, self.design_weight_scale = w_int, scale.clone()
+            return
+        if self.flavour == "ort":  # int8 container, zero point 0, the designed integers (a 4-bit grid: values in [-7, 7])
+            self.weight_3d = False
+            self.weight_axis = 0 if self.is_conv else 1
+            self.register_buffer("weight_int", w_int if self.is_conv else w_int.t().contiguous())
+            self.register_buffer("weight_zero_point", torch.zeros(w.shape[0], dtype=torch.int8))
+            self.register_buffer("weight_scale", scale.clone())
             return
         # ONNX layout: conv OIHW (channel axis 0); linear (in, out) so the DQ feeds MatMul directly (axis 1).
         # A linear layer whose input is not an ≤ 8-bit QDQ (16-bit or float activations) gets its weight as
@@ -180,6 +283,11 @@ class ExportQuantLayer(nn.Module):
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "conv2d" if self.is_conv else "linear", "w_bits": self.w_bits, "transform": self.has_transform,
                              "rotate": self.rotate, "branch_rank": getattr(self, "branch_rank", 0)}
+        if self.flavour in ("qdq", "ort"):
+            d["qdq_form"] = self.flavour if self.flavour == "ort" else "exact"
+            d["weight_container"] = ("int8" if self.flavour == "ort" else "int4" if self.w_bits <= 4 else "uint8") if self.w_bits else None
+            if self.ort_fallback:
+                d["ort_fallback"] = self.ort_fallback
         if self.act is not None:
             d["act"] = self.act.__dict__.copy()
         return d
@@ -203,6 +311,8 @@ class ExportQuantLayer(nn.Module):
         branch_in = x
         if self.flavour == "float":
             return self._float_forward(x, branch_in)
+        if self.flavour == "ort":
+            return self._ort_forward(x, branch_in)
         if self.act is not None:
             x = ActQDQ.apply(x, self.act_scale, self.act_zero_point, self.act_q_lo, self.act_q_hi, self.act.clamp)
         if self.w_bits is not None:
@@ -219,6 +329,27 @@ class ExportQuantLayer(nn.Module):
             y = torch.matmul(x, w)
         if self.bias is not None:
             y = y + (self.bias.reshape(1, -1, 1, 1) if self.is_conv else self.bias)
+        return self._add_branch(y, branch_in, Fp16Weight.apply)
+
+    def _ort_forward(self, x: torch.Tensor, branch_in: torch.Tensor) -> torch.Tensor:
+        x = ActQDQ.apply(x, self.act_scale, self.act_zero_point, self.act_q_lo, self.act_q_hi, False)
+        w = WeightDQ.apply(self.weight_int, self.weight_scale, self.weight_zero_point, self.weight_axis)
+        b = BiasDQ.apply(self.bias_int, self.bias_scale) if self.int_bias else None
+        if self.is_conv:
+            y = F.conv2d(x, w, b, **self.conv_args)
+        else:
+            y = torch.matmul(x, w)
+            if b is not None:
+                y = y + b
+        if self.output_range is not None:  # collecting the output grid's range (set only while calibrating)
+            lo, hi = float(y.min()), float(y.max())
+            self.output_range = (min(lo, self.output_range[0]), max(hi, self.output_range[1])) if self.output_range else (lo, hi)
+            flat = y.detach().reshape(-1)
+            gen = torch.Generator().manual_seed(len(self.output_samples))
+            pick = torch.randperm(flat.numel(), generator=gen)[:OUTPUT_SAMPLES] if flat.numel() > OUTPUT_SAMPLES else slice(None)
+            self.output_samples.append(flat[pick].clone())
+        if self.out_calibrated:  # the requantization of the op output that makes the unit fusable
+            y = ActQDQ.apply(y, self.out_scale, self.out_zero_point, self.out_q_lo, self.out_q_hi, False)
         return self._add_branch(y, branch_in, Fp16Weight.apply)
 
     def _float_forward(self, x: torch.Tensor, branch_in: torch.Tensor) -> torch.Tensor:

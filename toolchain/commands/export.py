@@ -41,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
     p.add_argument("--images", type=positive_int, default=4, help="images used by --validate")
     p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
+    p.add_argument("--qdq-format", choices=("exact", "ort"), default=None,
+                   help="ONNX: exact (default) = the checkpoint's designed grids, exact in a default ONNX Runtime session; "
+                        "ort = QDQ node units that ORT (and QDQ-consuming NPU EPs) fuse into QLinearConv/QLinearMatMul/QGemm: "
+                        "int8 weights (zero point 0), int32 biases, and an 8-bit requantization of every fused op output "
+                        "(ranges from --calib, else the bundled faces) that the fake-quant model does not have; layers without "
+                        "an 8-bit input grid keep the exact form (report: ort_fallback_layers)")
     p.add_argument("--weight-container", choices=("auto", "int8"), default="auto",
                    help="TFLite: auto = int4 storage for <=4-bit weights (smallest file); int8 = same integers in int8 "
                         "(runs on XNNPACK's fast int8 path; int4 convs fall back to slower kernels)")
@@ -99,6 +105,8 @@ def _run_locked(args: argparse.Namespace) -> int:
     from toolchain.io.atomic import atomic_file_group, atomic_write_json
     from toolchain.io.streams import stdout_to_stderr
 
+    if args.qdq_format is not None and args.target != "onnx":
+        raise ConfigError("--qdq-format applies to --target onnx only")
     if args.validate and args.calib is None:
         raise ConfigError("--validate needs --calib (a calibration set to run)")
     model, meta = load_for_export(args)
@@ -109,7 +117,9 @@ def _run_locked(args: argparse.Namespace) -> int:
         if args.target == "onnx":
             from export.onnx_backend import export_onnx
 
-            report = export_onnx(model, staged, part=args.part, dynamic=args.dynamic)
+            fmt = args.qdq_format or "exact"
+            samples = validation_inputs(model, args.part, args.calib, args.images) if fmt == "ort" and args.calib is not None else None
+            report = export_onnx(model, staged, part=args.part, dynamic=args.dynamic, qdq_format=fmt, calib_inputs=samples)
             if args.validate:
                 from export.validate import validate
 
@@ -125,7 +135,8 @@ def _run_locked(args: argparse.Namespace) -> int:
         report["source"] = str(args.checkpoint or args.model)
         atomic_write_json(staging / (out.name + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
-                                      "scale_mismatches", "weight_grid_mismatches", "spatial_multiple") if k in report}
+                                      "scale_mismatches", "weight_grid_mismatches", "spatial_multiple",
+                                      "qdq_format", "ort_layers", "ort_fused_nodes") if k in report}
     if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
         summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
     print(json.dumps(summary))
