@@ -74,16 +74,17 @@ def main() -> None:
         quantize_(q, QuantConfig.for_bits("minmax", b), MethodContext([c[0] for c in calib]))
         with torch.no_grad():
             ref = np.concatenate([q(x).numpy() for x in xs])
-        for fmt in ("exact", "ort"):
+        # ort-s8 differs from ort only for 8-bit weights (int8 instead of uint8 + 128)
+        for fmt in ("exact", "ort") + (("ort-s8",) if b.startswith("w8") else ()):
             t0 = time.perf_counter()
-            rep = export_onnx(q, tmp / f"{b}_{fmt}.onnx", qdq_format=fmt, calib_inputs=calib if fmt == "ort" else None)
+            rep = export_onnx(q, tmp / f"{b}_{fmt}.onnx", qdq_format=fmt, calib_inputs=calib if fmt.startswith("ort") else None)
             name = f"{b}_{fmt}"
             models[name] = Path(rep["path"])
             sess = ort_session(rep["path"], threads=a.threads)
             out = np.concatenate([sess.run(None, {"lq_image": x.numpy()})[0] for x in xs])
             rows[name] = {"export_s": round(time.perf_counter() - t0, 1), "quantized_layers": len(list(quant_layers(q))),
                           "psnr_vs_fake_quant_db": round(compare(out, ref, True)["psnr_db"], 2)}
-            if fmt == "ort":
+            if fmt.startswith("ort"):
                 rows[name] |= {"ort_layers": rep["ort_layers"], "fused_nodes": rep["ort_fused_nodes"],
                                "output_grid_sqnr_db_worst": rep["output_grid_sqnr_db_worst"]}
     x = np.random.RandomState(0).uniform(-1, 1, (1, 3, fp.image_size, fp.image_size)).astype(np.float32)

@@ -134,7 +134,7 @@ def finalize(proto: onnx.ModelProto, layer_info: dict[str, dict[str, Any]]) -> d
             "hadamard_functions": sorted(used), "op_counts": ops}
 
 
-QDQ_FORMATS = ("exact", "ort")
+QDQ_FORMATS = ("exact", "ort", "ort-s8")
 FUSED_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul")
 
 
@@ -260,10 +260,11 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
     out = Path(out)
     if qdq_format not in QDQ_FORMATS:
         raise ExportError(f"unknown QDQ format '{qdq_format}' (choose from {', '.join(QDQ_FORMATS)})")
-    module, layer_info = export_module(model, "ort" if qdq_format == "ort" else "qdq")
+    fused_format = qdq_format.startswith("ort")
+    module, layer_info = export_module(model, "ort" if fused_format else "qdq", int8_weights=qdq_format == "ort-s8")
     wrapped, inputs, in_names, out_names = part_module(module, part)
     ort_report: dict[str, Any] = {}
-    if qdq_format == "ort":
+    if fused_format:
         from export.prepare import ExportQuantLayer
 
         fusable = [n for n, m in module.named_modules() if isinstance(m, ExportQuantLayer) and m.flavour == "ort"]
@@ -300,7 +301,7 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
                               dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)
         report = finalize(proto, layer_info)
-        if qdq_format == "ort":
+        if fused_format:
             ort_report["requantizations_merged"] = merge_requantizations(proto)
         if dynamic:  # say which spatial sizes the graph accepts (its skip Concats fail on others)
             from export.parts import spatial_multiple
@@ -329,7 +330,7 @@ def export_onnx(model: torch.nn.Module, out: str | os.PathLike, part: str = "ful
             if f.name.startswith(out.name):
                 os.replace(f, out.parent / f.name)
     files = [out] + ([out.parent / (out.name + ".data")] if external else [])
-    if qdq_format == "ort":
+    if fused_format:
         ort_report["ort_fused_nodes"] = fused = ort_fused_nodes(out)
         fused["fused_total"] = sum(fused[op] for op in FUSED_OPS)
         report.update(ort_report)

@@ -117,9 +117,10 @@ class ExportQuantLayer(nn.Module):
     its output range while ``output_range`` is not None). A layer that cannot form such a unit
     (``ort_fusable``) falls back to the ``qdq`` flavour and says why in ``describe()["ort_fallback"]``."""
 
-    def __init__(self, name: str, layer: nn.Module, flavour: str = "qdq"):
+    def __init__(self, name: str, layer: nn.Module, flavour: str = "qdq", int8_weights: bool = False):
         super().__init__()
         self.name = name
+        self.int8_weights = int8_weights
         self.ort_fallback: str | None = None
         if flavour == "ort":
             self.ort_fallback = ort_fusable(layer)
@@ -245,11 +246,22 @@ class ExportQuantLayer(nn.Module):
             # plain attributes (not in the traced graph): the TFLite backend writes these exact integers and scales back
             self.design_weight_int, self.design_weight_scale = w_int, scale.clone()
             return
-        if self.flavour == "ort":  # int8 container, zero point 0, the designed integers (a 4-bit grid: values in [-7, 7])
+        if self.flavour == "ort":
+            # ≤ 7-bit designs: int8 container, zero point 0, the designed integers (a 4-bit grid: values in [-7, 7]).
+            # 8-bit designs: uint8 container with zero point 128 (the same symmetric integers). Without VNNI, ORT's
+            # u8 × s8 integer kernels add products in pairs into int16 (VPMADDUBSW), which saturates once
+            # 2·255·|w| > 32767, i.e. for |w| > 64 — only 8-bit weights reach that (measured: an 8-bit int8 `ort`
+            # export ran at 18 dB from itself under qemu's AVX2-only CPU); u8 × u8 kernels cannot saturate.
+            # ``int8_weights`` (the ort-s8 format) keeps int8 for them: what NPU EPs want, and faster on VNNI/ARM.
             self.weight_3d = False
             self.weight_axis = 0 if self.is_conv else 1
-            self.register_buffer("weight_int", w_int if self.is_conv else w_int.t().contiguous())
-            self.register_buffer("weight_zero_point", torch.zeros(w.shape[0], dtype=torch.int8))
+            stored = w_int if self.is_conv else w_int.t().contiguous()
+            if wq.bits >= 8 and not self.int8_weights:
+                self.register_buffer("weight_int", (stored.to(torch.int16) + 128).to(torch.uint8))
+                self.register_buffer("weight_zero_point", torch.full((w.shape[0],), 128, dtype=torch.uint8))
+            else:
+                self.register_buffer("weight_int", stored)
+                self.register_buffer("weight_zero_point", torch.zeros(w.shape[0], dtype=torch.int8))
             self.register_buffer("weight_scale", scale.clone())
             return
         # ONNX layout: conv OIHW (channel axis 0); linear (in, out) so the DQ feeds MatMul directly (axis 1).
@@ -285,7 +297,8 @@ class ExportQuantLayer(nn.Module):
                              "rotate": self.rotate, "branch_rank": getattr(self, "branch_rank", 0)}
         if self.flavour in ("qdq", "ort"):
             d["qdq_form"] = self.flavour if self.flavour == "ort" else "exact"
-            d["weight_container"] = ("int8" if self.flavour == "ort" else "int4" if self.w_bits <= 4 else "uint8") if self.w_bits else None
+            d["weight_container"] = (str(self.weight_int.dtype).split(".")[-1] if self.flavour == "ort"
+                                     else "int4" if self.w_bits <= 4 else "uint8") if self.w_bits else None
             if self.ort_fallback:
                 d["ort_fallback"] = self.ort_fallback
         if self.act is not None:
@@ -411,13 +424,16 @@ def fold_time_path(module: nn.Module) -> int:
     return len(captured)
 
 
-def export_module(model: nn.Module, flavour: str = "qdq") -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+def export_module(model: nn.Module, flavour: str = "qdq", int8_weights: bool = False) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     """A deep copy of ``model`` with every quantized layer replaced and the constant time path (and, for a
-    constant-prompt model, the cross-attention k/v) folded; returns (module, layer info)."""
+    constant-prompt model, the cross-attention k/v) folded; returns (module, layer info).
+
+    ``int8_weights`` (``ort`` flavour only): 8-bit weights in int8 with zero point 0 instead of uint8 + 128
+    (the ``ort-s8`` QDQ format; see ExportQuantLayer._init_weight)."""
     module = copy.deepcopy(model).cpu().float().eval()
     info: dict[str, dict[str, Any]] = {}
     for name, layer in list(quant_layers(module)):
-        layer_export = ExportQuantLayer(name, layer, flavour)
+        layer_export = ExportQuantLayer(name, layer, flavour, int8_weights=int8_weights)
         set_submodule(module, name, layer_export)
         info[name] = layer_export.describe()
     fold_time_path(module)

@@ -200,6 +200,10 @@ def test_default_session_is_exact_on_an_emulated_avx2_cpu(tiny_model_path, tmp_p
         np.savez(tmp_path / f"full_{bits}.npz", lq_image=x.numpy())
         with torch.no_grad():
             full[bits] = m(x).numpy()
+    # the ORT-fusable format (8-bit weights in uint8 + 128): its reference is this machine's own ORT output
+    export_onnx(model, tmp_path / "fused_w8a8.onnx", qdq_format="ort", calib_inputs=[(b[:1],) for b in tiny_batches(2, seed=3)])
+    np.savez(tmp_path / "fused_w8a8.npz", lq_image=x.numpy())
+    native_fused = ort_session(tmp_path / "fused_w8a8.onnx", threads=2).run(None, {"lq_image": x.numpy()})[0]
     script = Path(__file__).with_name("ort_emulated.py")
     subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(script), str(tmp_path), "--isa"], check=True, capture_output=True, timeout=900)
     isa = json.loads((tmp_path / "isa.json").read_text())
@@ -210,6 +214,9 @@ def test_default_session_is_exact_on_an_emulated_avx2_cpu(tiny_model_path, tmp_p
         for bits, ref in full.items():
             out = np.load(tmp_path / f"full_{bits}.{session}.npy")
             assert compare(out, ref, True)["psnr_db"] >= (45.0 if bits == "w4a4" else 40.0), (session, bits)
+    # int8 weights in the fused units read 18 dB here (saturated pair sums); uint8 + 128 is exact
+    fused = np.load(tmp_path / "fused_w8a8.default.npy")
+    assert compare(fused, native_fused, True)["psnr_db"] >= 40.0  # measured: identical
 
 
 def test_parts_and_dynamic_shapes(tiny_model_path, tmp_path):

@@ -23,10 +23,13 @@ def _quantized(path, bits, batches):
     return model
 
 
-def test_ort_units_follow_the_node_unit_rules(tiny_model_path, tmp_path):
-    """Per unit: DQ(uint8 activation, per tensor) → Conv/MatMul ← DQ(int8 weight, zero point 0, per channel:
-    axis 0 for OIHW convs, 1 for (in, out) MatMul weights) [← DQ(int32 bias, scale = s_x·s_w, axis 0)] → Q(uint8)."""
-    model = _quantized(tiny_model_path, "w4a8", tiny_batches(2))
+@pytest.mark.parametrize("bits", ["w4a8", "w8a8"])
+def test_ort_units_follow_the_node_unit_rules(tiny_model_path, tmp_path, bits):
+    """Per unit: DQ(uint8 activation, per tensor) → Conv/MatMul ← DQ(weight, per channel: axis 0 for OIHW
+    convs, 1 for (in, out) MatMul weights) [← DQ(int32 bias, scale = s_x·s_w, axis 0)] → Q(uint8). Weights:
+    ≤ 7-bit designs int8 with zero point 0; 8-bit designs uint8 with zero point 128 (u8 × s8 kernels saturate
+    without VNNI for |w| > 64: see test_export_onnx's emulated-AVX2 test)."""
+    model = _quantized(tiny_model_path, bits, tiny_batches(2))
     rep = export_onnx(model, tmp_path / "q.onnx", qdq_format="ort", calib_inputs=[(b[:1],) for b in tiny_batches(2, seed=3)])
     proto = onnx.load(rep["path"])
     raw = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
@@ -52,8 +55,12 @@ def test_ort_units_follow_the_node_unit_rules(tiny_model_path, tmp_path):
         assert x_dq.op_type == "DequantizeLinear" and producer[x_dq.input[0]].op_type == "QuantizeLinear", n.name
         assert inits[x_dq.input[2]].dtype == np.uint8 and inits[x_dq.input[1]].ndim == 0  # per-tensor uint8 activation
         w = inits[w_dq.input[0]]
-        assert w.dtype == np.int8 and np.abs(w).max() <= 7  # 4-bit design in an int8 container, the designed grid
-        assert inits[w_dq.input[2]].dtype == np.int8 and not inits[w_dq.input[2]].any()  # symmetric: zero point 0
+        if bits == "w4a8":
+            assert w.dtype == np.int8 and np.abs(w).max() <= 7  # 4-bit design in an int8 container, the designed grid
+            assert inits[w_dq.input[2]].dtype == np.int8 and not inits[w_dq.input[2]].any()  # symmetric: zero point 0
+        else:
+            assert w.dtype == np.uint8 and w.min() >= 1  # the narrow 8-bit grid [-127, 127] + 128
+            assert inits[w_dq.input[2]].dtype == np.uint8 and (inits[w_dq.input[2]] == 128).all()
         axis = next(a.i for a in w_dq.attribute if a.name == "axis")
         assert axis == (0 if n.op_type == "Conv" else 1) and inits[w_dq.input[1]].shape == (w.shape[axis],)
         out = n.output[0]

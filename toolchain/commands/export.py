@@ -41,12 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", type=Path, default=None, help="calibration set: images for --validate, and (TFLite) for the ranges of op outputs")
     p.add_argument("--images", type=positive_int, default=4, help="images used by --validate")
     p.add_argument("--mp-table", type=Path, default=None, help="TFLite: mixed-precision table to annotate with executed containers")
-    p.add_argument("--qdq-format", choices=("exact", "ort"), default=None,
+    p.add_argument("--qdq-format", choices=("exact", "ort", "ort-s8"), default=None,
                    help="ONNX: exact (default) = the checkpoint's designed grids, exact in a default ONNX Runtime session; "
                         "ort = QDQ node units that ORT (and QDQ-consuming NPU EPs) fuse into QLinearConv/QLinearMatMul/QGemm: "
-                        "int8 weights (zero point 0), int32 biases, and an 8-bit requantization of every fused op output "
+                        "≤7-bit weights int8 (zero point 0), 8-bit weights uint8+128 (int8 ones saturate in ORT's x86 kernels "
+                        "without VNNI), int32 biases, and an 8-bit requantization of every fused op output "
                         "(ranges from --calib, else the bundled faces) that the fake-quant model does not have; layers without "
-                        "an 8-bit input grid keep the exact form (report: ort_fallback_layers)")
+                        "an 8-bit input grid keep the exact form (report: ort_fallback_layers); ort-s8 = ort with 8-bit "
+                        "weights in int8 too (for NPU EPs, ARM and VNNI CPUs: faster there, wrong on x86 CPUs without VNNI)")
     p.add_argument("--weight-container", choices=("auto", "int8"), default="auto",
                    help="TFLite: auto = int4 storage for <=4-bit weights (smallest file); int8 = same integers in int8 "
                         "(runs on XNNPACK's fast int8 path; int4 convs fall back to slower kernels)")
@@ -118,7 +120,7 @@ def _run_locked(args: argparse.Namespace) -> int:
             from export.onnx_backend import export_onnx
 
             fmt = args.qdq_format or "exact"
-            samples = validation_inputs(model, args.part, args.calib, args.images) if fmt == "ort" and args.calib is not None else None
+            samples = validation_inputs(model, args.part, args.calib, args.images) if fmt.startswith("ort") and args.calib is not None else None
             report = export_onnx(model, staged, part=args.part, dynamic=args.dynamic, qdq_format=fmt, calib_inputs=samples)
             if args.validate:
                 from export.validate import validate
