@@ -292,6 +292,27 @@ class ExportQuantLayer(nn.Module):
         self.register_buffer("branch_up", up.to(torch.float16))
         self.branch_rank = up.shape[1]
 
+    @torch.no_grad()
+    def absorb_output_transform(self, multiplier: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Make this layer output (y − δ)·m instead of y (m > 0 per output channel), exactly: the weight
+        integers stay, each output channel's weight scale becomes s_w·m and the bias (b − δ)·m."""
+        if self.flavour != "float":
+            raise ValueError("only the float flavour (dequantized weights) absorbs an output transform")
+        m = multiplier.detach().float()
+        self.weight_float.mul_(m.reshape(-1, *([1] * (self.weight_float.dim() - 1))))
+        if getattr(self, "design_weight_scale", None) is not None:
+            self.design_weight_scale = self.design_weight_scale * m
+        bias = self.bias if self.bias is not None else torch.zeros_like(m)
+        if shift is not None:
+            bias = bias - shift.detach().float()
+        self.bias = nn.Parameter(bias * m, requires_grad=False)
+
+    def drop_transform(self) -> None:
+        """Forget the online (x − δ)·m once the producer of x has absorbed it."""
+        self.has_transform = False
+        self.multiplier = None
+        self.shift = None
+
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "conv2d" if self.is_conv else "linear", "w_bits": self.w_bits, "transform": self.has_transform,
                              "rotate": self.rotate, "branch_rank": getattr(self, "branch_rank", 0)}
@@ -424,18 +445,53 @@ def fold_time_path(module: nn.Module) -> int:
     return len(captured)
 
 
+def fold_transforms_into_producers(module: nn.Module) -> dict[str, str]:
+    """Fold a consumer's online (x − δ)·m into its producer where x is the producer's output alone
+    (``Topology.producer_pairs``, e.g. VAE ``quant_conv`` ← ``encoder.conv_out``); returns consumer → producer.
+
+    For the TFLite route: the converter folds a constant Sub/Mul that directly follows a conv into that
+    conv's weights and bias, per output channel, so the weights in the graph stop matching the checkpoint's
+    and the layer could not be quantized with its own scales. Done here instead, the fold is exact and
+    explicit: x' = (W_p·x + b_p − δ)·m = (W_p·m)·x + (b_p − δ)·m with W_p = W_int·s_w, so the producer keeps
+    its weight integers with per-channel scale s_w·m, its output *is* the consumer's designed input, and
+    the runtime Sub/Mul disappear. Only positive, unrotated transforms fold (PassionSR's LET, an unrotated
+    online balance) and only into a producer without a low-rank branch (whose output Add the converter
+    cannot fold through anyway); anything else stays online."""
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)}
+    folded: dict[str, str] = {}
+    for consumer, producer in topology_of(module).producer_pairs:
+        c, p = layers.get(consumer), layers.get(producer)
+        if c is None or p is None or not c.has_transform or c.rotate or p.has_branch or c.is_conv != p.is_conv:
+            continue
+        m = c.multiplier
+        if m.numel() != p.weight_float.shape[0] or not bool(torch.isfinite(m).all() and (m > 0).all()):
+            continue
+        p.absorb_output_transform(m, c.shift)
+        c.drop_transform()
+        folded[consumer] = producer
+    return folded
+
+
 def export_module(model: nn.Module, flavour: str = "qdq", int8_weights: bool = False) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     """A deep copy of ``model`` with every quantized layer replaced and the constant time path (and, for a
     constant-prompt model, the cross-attention k/v) folded; returns (module, layer info).
 
     ``int8_weights`` (``ort`` flavour only): 8-bit weights in int8 with zero point 0 instead of uint8 + 128
-    (the ``ort-s8`` QDQ format; see ExportQuantLayer._init_weight)."""
+    (the ``ort-s8`` QDQ format; see ExportQuantLayer._init_weight).
+
+    The float flavour (TFLite) also folds online input transforms into linear producers
+    (``fold_transforms_into_producers``); the QDQ flavours keep them, so each ONNX layer stays comparable
+    with its PyTorch layer on its own."""
     module = copy.deepcopy(model).cpu().float().eval()
     info: dict[str, dict[str, Any]] = {}
     for name, layer in list(quant_layers(module)):
         layer_export = ExportQuantLayer(name, layer, flavour, int8_weights=int8_weights)
         set_submodule(module, name, layer_export)
         info[name] = layer_export.describe()
+    if flavour == "float":
+        for consumer, producer in fold_transforms_into_producers(module).items():
+            info[consumer]["transform"] = False
+            info[consumer]["transform_folded_into"] = producer
     fold_time_path(module)
     fold_prompt = getattr(module, "fold_constant_prompt", None)  # models with a constant prompt (osediff)
     if fold_prompt is not None:
