@@ -455,6 +455,7 @@ def export_tflite(model: torch.nn.Module, out: str | os.PathLike, part: str = "f
         _annotate_table(mp_table, table, out.with_suffix(".mp_table.json"))
     report.update({"bytes": len(qbytes), "quantized": True, "layers_quantized": len(table), "float_fallback_layers": fallbacks,
                    "folded_constant_layers": folded,
+                   "transforms_folded_into_producers": {n: d["transform_folded_into"] for n, d in info.items() if d.get("transform_folded_into")},
                    "scale_mismatches": [n for n, r in table.items() if r.get("act_scale_matches") is False or r.get("act_zero_point_matches") is False],
                    "ops": op_census(qbytes), "seconds": round(time.perf_counter() - t0, 1),
                    "weight_container": weight_container,
