@@ -132,9 +132,9 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
         if hit is None and name in constant:
             continue  # folded into a constant by the converter
         if hit is None:
-            # Not reached by the checkpoints `toolchain quantize` writes in the default scope (a test exports every kind of
-            # online transform: PassionSR's, which export_module folds into linear producers, and the balancing methods');
-            # left for layers a custom --include brings in where the converter folds something we do not model.
+            # Not reached, as far as tested, by checkpoints `toolchain quantize` writes in the default scope: an online
+            # transform right after a plain conv (PassionSR's LET) is folded into that conv by export_module (a test), and
+            # the balancing methods fold those pairs offline. Left for what a custom --include may bring in.
             raise ExportError(f"layer {name}: no CONV_2D/FULLY_CONNECTED op with its weights in the converted TFLite graph "
                               "(the converter changed it; it cannot be quantized with the checkpoint's scales; "
                               "--target onnx exports it)")
