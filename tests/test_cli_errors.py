@@ -188,6 +188,19 @@ def s_none(tmp, env):
     pass
 
 
+def s_sr_set(tmp, env):
+    """x4 SR pairs: the wrong task for the same-size tiny face model."""
+    from calibration import BUNDLED_FACES
+    from calibration.dataset import build_calibration_set
+
+    build_calibration_set([BUNDLED_FACES], tmp / "sr", n=2, size=32, seed=0, progress=False, scale=4)
+
+
+def s_sr_set_and_spec(tmp, env):
+    s_sr_set(tmp, env)
+    (tmp / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w8a8"]}]')
+
+
 M, C, K, T = "{model}", "{calib}", "{ckpt}", "{tmp}"
 R = ["--device", "cpu"]
 
@@ -242,6 +255,30 @@ TABLE = [
      "existing file", ["existing_file"], []),
     ("compare-spec-bad-bits", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", C, "--out", f"{T}/o", *R],
      lambda t, e: (t / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w1a8x"]}]'), 2, "w4a4", [], ["o"]),
+    # --- a calibration set of the other task (x4 SR pairs for a same-size face model): refused before anything is created
+    ("allocate-sensitivity-wrong-task", ["allocate", "sensitivity", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "SR pairs", [], ["a1", ".a1.lock"]),
+    ("allocate-errors-wrong-task", ["allocate", "errors", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "--task restore --out NEW_SET", [], ["a1"]),
+    ("allocate-all-wrong-task", ["allocate", "all", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "SR pairs", [], ["a1"]),
+    ("allocate-errors-bad-bits", ["allocate", "errors", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1", "--bits", "3,x", *R],
+     s_none, 2, "--bits 3,x", [], ["a1"]),
+    ("allocate-sensitivity-bad-bits-range", ["allocate", "sensitivity", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1",
+                                             "--start-bits", "9", *R], s_none, 2, "start_bits", [], ["a1"]),
+    ("allocate-all-bad-pin", ["allocate", "all", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1", "--pin", "conv", *R],
+     s_none, 2, "--pin", [], ["a1"]),
+    ("allocate-solve-no-errors", ["allocate", "solve", "--out", f"{T}/new/a1"], s_none, 2, "errors.json is missing", [], ["new"]),
+    ("compare-calib-wrong-task", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", f"{T}/sr", "--eval", C,
+                                  "--out", f"{T}/o", *R], s_sr_set_and_spec, 2, "SR pairs", [], ["o", "work"]),
+    ("compare-eval-wrong-task", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", f"{T}/sr",
+                                 "--out", f"{T}/o", *R], s_sr_set_and_spec, 2, "SR pairs", [], ["o"]),
+    ("export-calib-wrong-task", ["export", K, "--target", "onnx", "--calib", f"{T}/sr", "--out", f"{T}/m.onnx"], s_sr_set, 2,
+     "SR pairs", [], ["m.onnx", "m.onnx.json"]),
+    ("export-validate-wrong-task", ["export", K, "--target", "onnx", "--validate", "--calib", f"{T}/sr", "--out", f"{T}/m.onnx"],
+     s_sr_set, 2, "SR pairs", [], ["m.onnx"]),
+    ("quantize-calib-wrong-task", ["quantize", "--model", M, "--calib", f"{T}/sr", "--out", f"{T}/o", *R], s_sr_set, 2,
+     "`toolchain calibrate --hq DIR --task restore --out NEW_SET`", [], ["o"]),
     # --- broken configs and checkpoints ---------------------------------------------------------------------
     ("ckpt-meta-null", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_null, 2, "JSON object", [], ["o"]),
     ("ckpt-meta-no-layers", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_no_layers, 2,
