@@ -469,3 +469,22 @@ def test_restore_folder_skips_unusable_images_and_names_them(tiny_model_path, tm
     assert main(["restore", str(src / "s13.png"), "--model", str(tiny_model_path), "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "too small (1x3)" in err[0] and not (tmp_path / "o2").exists()
+
+
+def test_param_values_take_the_type_of_the_method_parameter():
+    """--param values are converted to the method's Params field types (int/float/bool/str/optional/tuple)."""
+    from toolchain.commands.quantize import _parse_params
+
+    got = _parse_params(["train_steps=3", "svd_rank=2.0", "lr=1", "merge=yes", "gradient_checkpointing=false",
+                         "lpips_weights=007", "balance=scale"], "quantface")
+    assert got == {"train_steps": 3, "svd_rank": 2, "lr": 1.0, "merge": True, "gradient_checkpointing": False,
+                   "lpips_weights": "007", "balance": "scale"}
+    assert isinstance(got["lr"], float) and isinstance(got["svd_rank"], int)
+    assert _parse_params(["lpips_weights=none"], "quantface") == {"lpips_weights": None}
+    assert _parse_params(["timestep_offsets=-100,0,100"], "qartsr") == {"timestep_offsets": [-100, 0, 100]}
+    assert _parse_params(["timestep_offsets=[-50, 50]"], "qartsr") == {"timestep_offsets": [-50, 50]}
+    assert _parse_params(["stages=unet"], "passionsr") == {"stages": ["unet"]}
+    from toolchain.methods.registry import get_method
+
+    m = get_method("qartsr", {"timestep_offsets": [-50, 50]})
+    assert m.params.timestep_offsets == (-50, 50)

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="minmax", help="quantization method (default minmax; see `toolchain methods`)")
     p.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w4a4, w6a6 (default w8a8)")
     p.add_argument("--config", type=Path, default=None, help="full QuantConfig JSON (overrides --method/--bits)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (value parsed as JSON); repeatable")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter, converted to its type (integer, number, true/false, text, none for optional ones, comma-separated or JSON list); `toolchain methods` lists them; repeatable")
     p.add_argument("--include", action="append", default=None, metavar="REGEX", help="layers in scope (default: ^unet\\. and ^vae\\.)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="layers kept in float")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=wXaY", help="per-layer bits override, e.g. 'conv_in$=w8a8'")
@@ -38,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_params(items: list[str]) -> dict:
-    params = {}
+def _parse_params(items: list[str], method: str | None = None) -> dict:
+    """``--param KEY=VALUE`` items as {KEY: value}; a value is read as JSON, else kept as text. With
+    ``method``, each value is checked against (and converted to) the type of the method's parameter:
+    ``--param train_steps=abc`` is ``error: --param train_steps=abc: expected an integer``."""
+    params, raw, labels = {}, {}, {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -48,6 +51,11 @@ def _parse_params(items: list[str]) -> dict:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
+        raw[key], labels[key] = value, f"--param {item}"
+    if method is not None:
+        from toolchain.methods.registry import coerce_params, method_class
+
+        params = coerce_params(method_class(method), params, labels, raw)
     return params
 
 
@@ -74,7 +82,7 @@ def build_config(args: argparse.Namespace):
         rules = table_rules(load_table(args.mp_table))
         cfg.rules += rules
         cfg.rule_sources = {r.pattern: str(args.mp_table) for r in rules}
-    cfg.params.update(_parse_params(args.param))
+    cfg.params.update(_parse_params(args.param, cfg.method))
     return cfg
 
 
