@@ -463,3 +463,33 @@ def test_help_lists_metrics_and_parts_and_is_light():
     assert out.strip().endswith("LIGHT")
     for name in METRIC_NAMES:
         assert name in out
+
+
+def test_help_texts_follow_the_code(capsys):
+    """`model init --help` lists every preset of toolchain.models.configs.PRESETS; restore/top-level help mention
+    x4 SR; quantize --batch-size says it is the global batch under --nproc-per-node."""
+    from toolchain.cli import build_parser
+    from toolchain.commands.model import PRESET_NAMES
+    from toolchain.models.configs import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)
+
+    def help_of(*argv):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    init = help_of("model", "init")
+    assert all(name in init for name in PRESETS)
+    assert "4x" in help_of("restore") and "OSEDiff" in help_of("restore")
+    assert "OSEDiff" in help_of() and "super-resolution" in help_of()
+    assert "global batch, split across" in help_of("quantize")
+
+
+def test_model_info_shows_the_upscale_factor(tmp_path, capsys):
+    from toolchain.models import build_model, preset, save_model
+
+    save_model(build_model(preset("osediff-tiny"), seed=0), tmp_path / "sr.safetensors")
+    assert main(["model", "info", str(tmp_path / "sr.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["upscale"] == 4 and info["output_size"] == 4 * info["image_size"]

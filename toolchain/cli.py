@@ -47,8 +47,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="toolchain",
-        description="QuantFace Toolchain: low-bit post-training quantization of one-step diffusion face restoration, "
-                    "with ONNX and TFLite export and on-device profiling.",
+        description="QuantFace Toolchain: low-bit post-training quantization of one-step diffusion restoration models "
+                    "(OSDFace-style face restoration at the input size, OSEDiff x4 super-resolution), with ONNX and TFLite "
+                    "export and on-device profiling. `restore` and `calibrate` follow the model: same-size face restoration, "
+                    "or x4 upscaling for an OSEDiff model.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--verbose", action="store_true", help="print the full traceback with an error (also accepted after COMMAND)")

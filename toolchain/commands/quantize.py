@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint directory to write: new, empty or a previous checkpoint (else --overwrite); an interrupted "
                         "run resumes only when model, calibration set and settings are unchanged")
     add_overwrite_arg(p)
-    add_runtime_args(p)
+    add_runtime_args(p, distributed=True)
     add_nproc_arg(p)
     p.set_defaults(func=run)
 
