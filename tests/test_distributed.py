@@ -284,3 +284,22 @@ def test_user_error_in_the_ranks_is_one_line_and_2(tiny_model_path, tmp_path):
     lines = [l for l in run.stderr.splitlines() if l.strip()]
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "SR pairs" in lines[0], run.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_a_bug_in_the_ranks_exits_1_with_one_traceback(tiny_model_path, calib_dir, tmp_path):
+    """A genuine bug stays visible under --nproc-per-node: exit 1 and rank 0's traceback, printed once."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK'):\n"
+        "    import toolchain.commands.quantize as q\n"
+        "    def boom(*a, **k):\n"
+        "        raise RuntimeError('simulated bug in rank ' + os.environ['RANK'])\n"
+        "    q._run_locked = boom\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hook'}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax",
+                          "--bits", "w4a4", "--calib", str(calib_dir), "--device", "cpu", "--nproc-per-node", "2", "--out", str(tmp_path / "q")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.count("Traceback") == 1 and "rank 0 crashed" in run.stderr and "simulated bug in rank 0" in run.stderr, run.stderr
+    assert "error:" not in run.stderr and "interrupted:" not in run.stderr

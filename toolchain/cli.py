@@ -133,6 +133,23 @@ def _report(message: str, verbose: bool) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def _leave_crash_to_launcher() -> bool:
+    """In a rank started by ``--nproc-per-node``: write the traceback of a bug for the launcher, which prints
+    rank 0's (else the lowest rank's) once; True if written. Elsewhere (or if it cannot be written) False."""
+    if _rank_role() != "relaunched":
+        return False
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ["TOOLCHAIN_RANK_REPORTS"]
+    try:
+        tmp = os.path.join(folder, f".crash{rank}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        os.replace(tmp, os.path.join(folder, f"crash{rank}.txt"))
+        return True
+    except OSError:
+        return False
+
+
 def _print_interrupted() -> None:
     if _rank_role() in ("single", "main"):  # a rank started by --nproc-per-node: the launcher prints it
         print(INTERRUPTED_LINE, file=sys.stderr)
@@ -169,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             if watch.fired:  # a library turned our KeyboardInterrupt into its own error
                 return _interrupted(verbose)
+            if _leave_crash_to_launcher():
+                return 1
             raise
     if watch.fired:  # a Ctrl-C that some library caught and ignored
         return _interrupted(verbose)

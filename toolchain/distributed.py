@@ -296,6 +296,14 @@ def relaunch(nproc: int, command: list[str]) -> int:
             if code is None:  # every failed rank died of a signal: Ctrl-C reached them first, else a crash (killed)
                 if any(c in (-signal.SIGINT, -signal.SIGTERM) for c in codes):
                     raise KeyboardInterrupt from None
+                import sys
+
+                for r, f in sorted(exc.failures.items()):  # torchrun's own log is off: say which rank died and how
+                    try:
+                        how = signal.Signals(-f.exitcode).name
+                    except (TypeError, ValueError):
+                        how = f"status {f.exitcode}"
+                    print(f"rank {r} was killed by {how}" + (" (out of memory?)" if how == "SIGKILL" else ""), file=sys.stderr)
                 return 1
             if code == 130:
                 raise KeyboardInterrupt from None
@@ -305,6 +313,13 @@ def relaunch(nproc: int, command: list[str]) -> int:
                 messages = sorted(Path(reports).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
                 text = messages[0].read_text(encoding="utf-8").strip() if messages else ""
                 raise ToolchainError(text or "a process exited with a user error (status 2); run with --verbose for details") from None
+            crashes = sorted(Path(reports).glob("crash*.txt"), key=lambda p: int(p.stem[5:]))
+            if crashes:  # a bug: one traceback (rank 0's, else the first rank's that crashed), exit 1
+                import sys
+
+                text = crashes[0].read_text(encoding="utf-8")
+                print(f"{crashes[0].stem.replace('crash', 'rank ')} crashed:\n{text}", end="" if text.endswith("\n") else "\n",
+                      file=sys.stderr)
             return code
         finally:
             os.environ.pop(REPORT_DIR_ENV, None)
