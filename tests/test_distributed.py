@@ -270,17 +270,23 @@ def test_ctrl_c_during_nproc_per_node_training_is_one_line_130_and_resumes(tiny_
     assert (tmp_path / "q" / "model.safetensors").is_file()
 
 
-def test_user_error_in_the_ranks_is_one_line_and_2(tiny_model_path, tmp_path):
-    """A check that fails inside every rank (SR pairs for a same-size face model): one ``error:`` line, no
-    torchrun log lines (``Sending process … SIGTERM``, ``failed (exitcode: 2)``), exit 2, nothing written."""
+def test_user_error_in_the_ranks_is_one_line_and_2(tiny_model_path, calib_dir, tmp_path):
+    """A check that fails inside every rank (a --rule that matches no layer of the loaded model): one ``error:``
+    line, no torchrun log lines (``Sending process … SIGTERM``, ``failed (exitcode: 2)``), exit 2, nothing written.
+    A calibration set of the wrong task (SR pairs for a same-size face model) is refused by the launcher itself."""
     from calibration import BUNDLED_FACES
     from calibration.dataset import build_calibration_set
 
-    sr = build_calibration_set([BUNDLED_FACES], tmp_path / "sr", n=2, size=32, seed=0, progress=False, scale=4)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax",
-                          "--bits", "w4a4", "--calib", str(sr), "--device", "cpu", "--nproc-per-node", "2", "--out", str(tmp_path / "q")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    base = [sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax", "--bits", "w4a4",
+            "--device", "cpu", "--nproc-per-node", "2", "--out", str(tmp_path / "q")]
+    run = subprocess.run([*base, "--calib", str(calib_dir), "--rule", "no_such_layer=w8a8"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "no_such_layer" in lines[0], run.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.work").exists()
+    sr = build_calibration_set([BUNDLED_FACES], tmp_path / "sr", n=2, size=32, seed=0, progress=False, scale=4)
+    run = subprocess.run([*base, "--calib", str(sr)], env=env, capture_output=True, text=True, timeout=300)
     lines = [l for l in run.stderr.splitlines() if l.strip()]
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "SR pairs" in lines[0], run.stderr
     assert not (tmp_path / "q").exists()

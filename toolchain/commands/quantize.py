@@ -133,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "quantized checkpoint", is_checkpoint, inputs=[model_path, args.calib, args.config, args.mp_table],
                      overwrite=args.overwrite)
     if getattr(args, "nproc_per_node", None) not in (None, 1) and not D.launched():
-        get_method_checked(args)  # bad method parameters: one error line here, not one per rank
+        get_method_checked(args)  # bad method parameters: one error line here, before any rank starts
+        from calibration.dataset import CalibrationSet
+        from toolchain.models.storage import model_config
+
+        CalibrationSet.open(args.calib).check_for(int(getattr(model_config(model_path, args.preset), "upscale", 1) or 1))
     status = maybe_relaunch(args)
     if status is not None:
         return status
