@@ -197,10 +197,10 @@ class CalibrationSet:
     def check_for(self, model_upscale: int) -> None:
         """Refuse a set whose task does not match a model's upscale factor (InputError, one line)."""
         if self.scale != model_upscale:
-            want = f"--task sr --scale {model_upscale}" if model_upscale > 1 else "the default restore task"
+            want = f"--task sr --scale {model_upscale}" if model_upscale > 1 else "--task restore"
             raise InputError(f"{self.root} holds {'x%d SR' % self.scale if self.scale > 1 else 'restoration'} pairs but the "
                              f"model {'upscales x%d' % model_upscale if model_upscale > 1 else 'restores at the same size'}; "
-                             f"build a set with `toolchain calibrate {want}`")
+                             f"build a set with `toolchain calibrate --hq DIR {want} --out NEW_SET`")
 
     def names(self) -> list[str]:
         return [it["file"] for it in self.manifest["items"]]

@@ -188,6 +188,19 @@ def s_none(tmp, env):
     pass
 
 
+def s_sr_set(tmp, env):
+    """x4 SR pairs: the wrong task for the same-size tiny face model."""
+    from calibration import BUNDLED_FACES
+    from calibration.dataset import build_calibration_set
+
+    build_calibration_set([BUNDLED_FACES], tmp / "sr", n=2, size=32, seed=0, progress=False, scale=4)
+
+
+def s_sr_set_and_spec(tmp, env):
+    s_sr_set(tmp, env)
+    (tmp / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w8a8"]}]')
+
+
 M, C, K, T = "{model}", "{calib}", "{ckpt}", "{tmp}"
 R = ["--device", "cpu"]
 
@@ -242,6 +255,50 @@ TABLE = [
      "existing file", ["existing_file"], []),
     ("compare-spec-bad-bits", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", C, "--out", f"{T}/o", *R],
      lambda t, e: (t / "spec.json").write_text('[{"label": "m", "method": "minmax", "bits": ["w1a8x"]}]'), 2, "w4a4", [], ["o"]),
+    # --- a calibration set of the other task (x4 SR pairs for a same-size face model): refused before anything is created
+    ("allocate-sensitivity-wrong-task", ["allocate", "sensitivity", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "SR pairs", [], ["a1", ".a1.lock"]),
+    ("allocate-errors-wrong-task", ["allocate", "errors", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "--task restore --out NEW_SET", [], ["a1"]),
+    ("allocate-all-wrong-task", ["allocate", "all", "--checkpoint", K, "--calib", f"{T}/sr", "--out", f"{T}/a1", *R],
+     s_sr_set, 2, "SR pairs", [], ["a1"]),
+    ("allocate-errors-bad-bits", ["allocate", "errors", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1", "--bits", "3,x", *R],
+     s_none, 2, "--bits 3,x", [], ["a1"]),
+    ("allocate-sensitivity-bad-bits-range", ["allocate", "sensitivity", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1",
+                                             "--start-bits", "9", *R], s_none, 2, "start_bits", [], ["a1"]),
+    ("allocate-all-bad-pin", ["allocate", "all", "--checkpoint", K, "--calib", C, "--out", f"{T}/a1", "--pin", "conv", *R],
+     s_none, 2, "--pin", [], ["a1"]),
+    ("allocate-solve-no-errors", ["allocate", "solve", "--out", f"{T}/new/a1"], s_none, 2, "errors.json is missing", [], ["new"]),
+    ("compare-calib-wrong-task", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", f"{T}/sr", "--eval", C,
+                                  "--out", f"{T}/o", *R], s_sr_set_and_spec, 2, "SR pairs", [], ["o", "work"]),
+    ("compare-eval-wrong-task", ["compare", "--spec", f"{T}/spec.json", "--model", M, "--calib", C, "--eval", f"{T}/sr",
+                                 "--out", f"{T}/o", *R], s_sr_set_and_spec, 2, "SR pairs", [], ["o"]),
+    ("export-calib-wrong-task", ["export", K, "--target", "onnx", "--calib", f"{T}/sr", "--out", f"{T}/m.onnx"], s_sr_set, 2,
+     "SR pairs", [], ["m.onnx", "m.onnx.json"]),
+    ("export-validate-wrong-task", ["export", K, "--target", "onnx", "--validate", "--calib", f"{T}/sr", "--out", f"{T}/m.onnx"],
+     s_sr_set, 2, "SR pairs", [], ["m.onnx"]),
+    ("quantize-calib-wrong-task", ["quantize", "--model", M, "--calib", f"{T}/sr", "--out", f"{T}/o", *R], s_sr_set, 2,
+     "`toolchain calibrate --hq DIR --task restore --out NEW_SET`", [], ["o"]),
+    # --- --param values of the wrong type (the method's Params field types) ---
+    ("quantize-param-int-text", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "train_steps=abc", "--out", f"{T}/o", *R], s_none, 2,
+     "--param train_steps=abc: expected an integer", [], ["o", ".o.work"]),
+    ("quantize-param-int-fraction", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "train_steps=2.5", "--out", f"{T}/o", *R], s_none, 2,
+     "--param train_steps=2.5: expected an integer", [], ["o", ".o.work"]),
+    ("quantize-param-int-bool", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "train_steps=true", "--out", f"{T}/o", *R], s_none, 2,
+     "--param train_steps=true: expected an integer", [], ["o", ".o.work"]),
+    ("quantize-param-float-text", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "lr=abc", "--out", f"{T}/o", *R], s_none, 2,
+     "--param lr=abc: expected a number", [], ["o", ".o.work"]),
+    ("quantize-param-float-infinite", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "lr=Infinity", "--out", f"{T}/o", *R], s_none, 2,
+     "--param lr=Infinity: expected a finite number", [], ["o", ".o.work"]),
+    ("quantize-param-bool-text", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "merge=maybe", "--out", f"{T}/o", *R], s_none, 2,
+     "--param merge=maybe: expected true or false", [], ["o", ".o.work"]),
+    ("quantize-param-str-list", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "lpips_weights=[1]", "--out", f"{T}/o", *R], s_none, 2,
+     "--param lpips_weights=[1]: expected a string", [], ["o", ".o.work"]),
+    ("quantize-param-int-null", ["quantize", "--model", M, "--calib", C, "--method", "quantface", "--param", "svd_rank=null", "--out", f"{T}/o", *R], s_none, 2,
+     "--param svd_rank=null: expected an integer, not null", [], ["o", ".o.work"]),
+    ("quantize-param-tuple-items", ["quantize", "--model", M, "--calib", C, "--method", "qartsr", "--param", "timestep_offsets=a,b",
+                                    "--out", f"{T}/o", *R], s_none, 2, "timestep_offsets=a,b: expected a list whose items are each an integer",
+     [], ["o"]),
     # --- broken configs and checkpoints ---------------------------------------------------------------------
     ("ckpt-meta-null", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_null, 2, "JSON object", [], ["o"]),
     ("ckpt-meta-no-layers", ["restore", f"{T}/photos", "--checkpoint", f"{T}/ck", "--out", f"{T}/o", *R], s_meta_no_layers, 2,
@@ -406,3 +463,33 @@ def test_help_lists_metrics_and_parts_and_is_light():
     assert out.strip().endswith("LIGHT")
     for name in METRIC_NAMES:
         assert name in out
+
+
+def test_help_texts_follow_the_code(capsys):
+    """`model init --help` lists every preset of toolchain.models.configs.PRESETS; restore/top-level help mention
+    x4 SR; quantize --batch-size says it is the global batch under --nproc-per-node."""
+    from toolchain.cli import build_parser
+    from toolchain.commands.model import PRESET_NAMES
+    from toolchain.models.configs import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)
+
+    def help_of(*argv):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    init = help_of("model", "init")
+    assert all(name in init for name in PRESETS)
+    assert "4x" in help_of("restore") and "OSEDiff" in help_of("restore")
+    assert "OSEDiff" in help_of() and "super-resolution" in help_of()
+    assert "global batch, split across" in help_of("quantize")
+
+
+def test_model_info_shows_the_upscale_factor(tmp_path, capsys):
+    from toolchain.models import build_model, preset, save_model
+
+    save_model(build_model(preset("osediff-tiny"), seed=0), tmp_path / "sr.safetensors")
+    assert main(["model", "info", str(tmp_path / "sr.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["upscale"] == 4 and info["output_size"] == 4 * info["image_size"]

@@ -235,3 +235,77 @@ def test_two_process_sensitivity_sweep_equals_one_process_and_resumes(tiny_w4a4,
     assert {n: r["B"] for n, r in again.items()} == {n: r["B"] for n, r in two.items()}
     untouched = [p for p in (out / "sensitivity").glob("*.json") if not p.name.startswith("_") and p.stem not in victims]
     assert untouched and all(p.stat().st_mtime_ns == stamp[p.name] for p in untouched)
+
+
+def test_ctrl_c_during_nproc_per_node_training_is_one_line_130_and_resumes(tiny_model_path, calib_dir, tmp_path):
+    """Ctrl-C in a terminal reaches the launcher and both ranks (the process group): one ``interrupted:``
+    line (the launcher's; the ranks stay quiet), no torchrun traceback, exit 130; the same command resumes."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "quantface", "--bits", "w4a4",
+           "--calib", str(calib_dir), "--device", "cpu", "--batch-size", "3", "--param", "train_steps=30", "--param", "svd_rank=2",
+           "--param", "lora_rank=2", "--param", "checkpoint_every=2", "--nproc-per-node", "2", "--out", str(tmp_path / "q")]
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        seen = b""
+        while b"QD-LoRA" not in seen:  # training has started (rank 0's progress bar)
+            chunk = p.stderr.read1(4096)
+            assert chunk, seen.decode(errors="replace")[-2000:]
+            seen += chunk
+        time.sleep(1.5)
+        os.killpg(p.pid, signal.SIGINT)
+        rest = p.stderr.read().decode(errors="replace")
+        assert p.wait(timeout=120) == 130, rest[-2000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = [l for l in rest.replace("\r", "\n").splitlines() if l.strip() and "QD-LoRA" not in l]
+    assert lines == [lines[0]] and lines[0].startswith("interrupted:"), rest[-2000:]
+    assert "Traceback" not in rest and "SignalException" not in rest
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_user_error_in_the_ranks_is_one_line_and_2(tiny_model_path, calib_dir, tmp_path):
+    """A check that fails inside every rank (a --rule that matches no layer of the loaded model): one ``error:``
+    line, no torchrun log lines (``Sending process … SIGTERM``, ``failed (exitcode: 2)``), exit 2, nothing written.
+    A calibration set of the wrong task (SR pairs for a same-size face model) is refused by the launcher itself."""
+    from calibration import BUNDLED_FACES
+    from calibration.dataset import build_calibration_set
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax", "--bits", "w4a4",
+            "--device", "cpu", "--nproc-per-node", "2", "--out", str(tmp_path / "q")]
+    run = subprocess.run([*base, "--calib", str(calib_dir), "--rule", "no_such_layer=w8a8"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "no_such_layer" in lines[0], run.stderr
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.work").exists()
+    sr = build_calibration_set([BUNDLED_FACES], tmp_path / "sr", n=2, size=32, seed=0, progress=False, scale=4)
+    run = subprocess.run([*base, "--calib", str(sr)], env=env, capture_output=True, text=True, timeout=300)
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "SR pairs" in lines[0], run.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_bug_in_the_ranks_exits_1_with_one_traceback(tiny_model_path, calib_dir, tmp_path):
+    """A genuine bug stays visible under --nproc-per-node: exit 1 and rank 0's traceback, printed once."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK'):\n"
+        "    import toolchain.commands.quantize as q\n"
+        "    def boom(*a, **k):\n"
+        "        raise RuntimeError('simulated bug in rank ' + os.environ['RANK'])\n"
+        "    q._run_locked = boom\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hook'}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax",
+                          "--bits", "w4a4", "--calib", str(calib_dir), "--device", "cpu", "--nproc-per-node", "2", "--out", str(tmp_path / "q")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.count("Traceback") == 1 and "rank 0 crashed" in run.stderr and "simulated bug in rank 0" in run.stderr, run.stderr
+    assert "error:" not in run.stderr and "interrupted:" not in run.stderr

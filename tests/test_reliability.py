@@ -449,3 +449,42 @@ def test_skipped_metrics_are_announced_on_stderr(tiny_model_path, calib_dir, tmp
                  "--metrics", "psnr,lpips", "--weights-dir", str(tmp_path), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "warning: metric lpips skipped" in err and "alexnet-owt-7be5be79.pth" in err
+
+
+def test_restore_folder_skips_unusable_images_and_names_them(tiny_model_path, tmp_path, capsys):
+    """Inside a folder a too-small, truncated or NaN image is skipped and listed (like a non-image);
+    the same file named on the command line is still an error."""
+    src = tmp_path / "faces"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (20, 18, 3), dtype=np.uint8), "RGB").save(src / "a.png")
+    Image.new("RGB", (1, 3)).save(src / "s13.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (src / "t.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])  # header only: truncated
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32), "F").save(src / "nan.tif")
+    assert main(["restore", str(src), "--model", str(tiny_model_path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "restored 1, skipped 3: " in out and "s13.png (too small (1x3))" in out and "t.png (" in out, out
+    assert "nan.tif (holds 64 non-finite" in out, out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    assert main(["restore", str(src / "s13.png"), "--model", str(tiny_model_path), "--out", str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small (1x3)" in err[0] and not (tmp_path / "o2").exists()
+
+
+def test_param_values_take_the_type_of_the_method_parameter():
+    """--param values are converted to the method's Params field types (int/float/bool/str/optional/tuple)."""
+    from toolchain.commands.quantize import _parse_params
+
+    got = _parse_params(["train_steps=3", "svd_rank=2.0", "lr=1", "merge=yes", "gradient_checkpointing=false",
+                         "lpips_weights=007", "balance=scale"], "quantface")
+    assert got == {"train_steps": 3, "svd_rank": 2, "lr": 1.0, "merge": True, "gradient_checkpointing": False,
+                   "lpips_weights": "007", "balance": "scale"}
+    assert isinstance(got["lr"], float) and isinstance(got["svd_rank"], int)
+    assert _parse_params(["lpips_weights=none"], "quantface") == {"lpips_weights": None}
+    assert _parse_params(["timestep_offsets=-100,0,100"], "qartsr") == {"timestep_offsets": [-100, 0, 100]}
+    assert _parse_params(["timestep_offsets=[-50, 50]"], "qartsr") == {"timestep_offsets": [-50, 50]}
+    assert _parse_params(["stages=unet"], "passionsr") == {"stages": ["unet"]}
+    from toolchain.methods.registry import get_method
+
+    m = get_method("qartsr", {"timestep_offsets": [-50, 50]})
+    assert m.params.timestep_offsets == (-50, 50)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -46,8 +47,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="toolchain",
-        description="QuantFace Toolchain: low-bit post-training quantization of one-step diffusion face restoration, "
-                    "with ONNX and TFLite export and on-device profiling.",
+        description="QuantFace Toolchain: low-bit post-training quantization of one-step diffusion restoration models "
+                    "(OSDFace-style face restoration at the input size, OSEDiff x4 super-resolution), with ONNX and TFLite "
+                    "export and on-device profiling. `restore` and `calibrate` follow the model: same-size face restoration, "
+                    "or x4 upscaling for an OSEDiff model.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--verbose", action="store_true", help="print the full traceback with an error (also accepted after COMMAND)")
@@ -84,6 +87,8 @@ class _InterruptWatch:
         return self
 
     def _handle(self, signum, frame):
+        if self.fired and _rank_role() != "single":
+            return  # a rank: the launcher forwards the Ctrl-C it got as well; one KeyboardInterrupt is enough
         self.fired = True
         raise KeyboardInterrupt
 
@@ -92,10 +97,62 @@ class _InterruptWatch:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def _rank_role() -> str:
+    """"single" (no torchrun), "relaunched" (a rank started by ``--nproc-per-node``: the launcher prints the
+    one line), "main" (rank 0 under a plain torchrun: prints) or "quiet" (another rank under plain torchrun).
+
+    Read from the environment only (no torch import), so it also works before the heavy imports."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return "single"
+    if world <= 1:
+        return "single"
+    if os.environ.get("TOOLCHAIN_RANK_REPORTS"):  # toolchain.distributed.REPORT_DIR_ENV
+        return "relaunched"
+    return "main" if rank == 0 else "quiet"
+
+
 def _report(message: str, verbose: bool) -> None:
-    if verbose:
+    role = _rank_role()
+    if verbose and role in ("single", "main") or (verbose and role == "relaunched" and os.environ.get("RANK") == "0"):
         traceback.print_exc(file=sys.stderr)
+    if role == "relaunched":  # leave the message to the launcher, which prints one line for all ranks
+        folder = os.environ["TOOLCHAIN_RANK_REPORTS"]
+        try:
+            tmp = os.path.join(folder, f".rank{os.environ.get('RANK', '0')}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(message)
+            os.replace(tmp, os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.txt"))
+            return
+        except OSError:
+            pass  # the launcher's folder is gone: print it here rather than lose it
+    elif role == "quiet":
+        return
     print(f"error: {message}", file=sys.stderr)
+
+
+def _leave_crash_to_launcher() -> bool:
+    """In a rank started by ``--nproc-per-node``: write the traceback of a bug for the launcher, which prints
+    rank 0's (else the lowest rank's) once; True if written. Elsewhere (or if it cannot be written) False."""
+    if _rank_role() != "relaunched":
+        return False
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ["TOOLCHAIN_RANK_REPORTS"]
+    try:
+        tmp = os.path.join(folder, f".crash{rank}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        os.replace(tmp, os.path.join(folder, f"crash{rank}.txt"))
+        return True
+    except OSError:
+        return False
+
+
+def _print_interrupted() -> None:
+    if _rank_role() in ("single", "main"):  # a rank started by --nproc-per-node: the launcher prints it
+        print(INTERRUPTED_LINE, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose = verbose or bool(getattr(args, "verbose", False))
             status = int(args.func(args) or 0)
         except KeyboardInterrupt:
-            print(INTERRUPTED_LINE, file=sys.stderr)
+            _print_interrupted()
             return EXIT_INTERRUPTED
         except ToolchainError as exc:
             if watch.fired:  # the interrupt was swallowed and the run went on to fail: it was still interrupted
@@ -129,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             if watch.fired:  # a library turned our KeyboardInterrupt into its own error
                 return _interrupted(verbose)
+            if _leave_crash_to_launcher():
+                return 1
             raise
     if watch.fired:  # a Ctrl-C that some library caught and ignored
         return _interrupted(verbose)
@@ -138,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupted(verbose: bool) -> int:
     if verbose:
         traceback.print_exc(file=sys.stderr)
-    print(INTERRUPTED_LINE, file=sys.stderr)
+    _print_interrupted()
     return EXIT_INTERRUPTED
 
 

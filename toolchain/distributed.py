@@ -228,20 +228,99 @@ def torchrun_argv(nproc: int, command: list[str]) -> list[str]:
             "--module", "toolchain", *command]
 
 
+# Set by ``relaunch`` for the ranks it starts: the folder where a rank leaves its one-line user error for the
+# launcher to print (the ranks print no ``error:``/``interrupted:`` line of their own, so the user sees one).
+REPORT_DIR_ENV = "TOOLCHAIN_RANK_REPORTS"
+
+
+def rank_from_env() -> int:
+    """This process's rank from torchrun's environment (0 outside torchrun); needs no process group."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def quiet_rank() -> bool:
+    """True on a rank other than 0 under torchrun: it leaves messages meant for the user to rank 0."""
+    return launched() and rank_from_env() != 0
+
+
+def _quiet_elastic_logging() -> None:
+    """torchrun's own log lines (``W… Sending process … SIGTERM``, ``E… failed (exitcode: 2)``) repeat what
+    the one ``error:``/``interrupted:`` line says; the launcher keeps only its CRITICAL ones."""
+    import logging
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
+
 def relaunch(nproc: int, command: list[str]) -> int:
     """Run ``toolchain COMMAND`` as ``nproc`` ranks through ``torch.distributed.run`` (torchrun) and wait.
 
-    Returns 0, or the exit status of the first rank that failed (2 for a user error, 130 for an
-    interruption), so the caller can exit with it. On the CPU each rank gets an equal share of the
-    cores (torchrun would otherwise set OMP_NUM_THREADS=1)."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    Returns 0, or 1 when a rank crashed (its traceback is on stderr). A user error in a rank is raised
+    here again as a ToolchainError with the rank's message (the lowest rank that reported one), and an
+    interruption (Ctrl-C to the launcher or to the ranks) as KeyboardInterrupt, so the caller prints
+    one line and exits 2 or 130. On the CPU each rank gets an equal share of the cores (torchrun would
+    otherwise set OMP_NUM_THREADS=1)."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    previous_level = os.environ.get("LOGLEVEL")
+    os.environ["LOGLEVEL"] = "CRITICAL"  # torchrun's loggers take their level from LOGLEVEL when their module is imported
+    try:
+        from torch.distributed import run as torchrun
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    finally:
+        if previous_level is None:
+            os.environ.pop("LOGLEVEL", None)
+        else:
+            os.environ["LOGLEVEL"] = previous_level
+    _quiet_elastic_logging()
 
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    try:
-        torchrun.run(torchrun.parse_args(torchrun_argv(nproc, command)))
-    except ChildFailedError as exc:
-        codes = [f.exitcode for _, f in sorted(exc.failures.items())]
-        return next((c for c in codes if c not in (0, None) and c > 0), 1)
+    with tempfile.TemporaryDirectory(prefix="toolchain-ranks-") as reports:
+        os.environ[REPORT_DIR_ENV] = reports
+        try:
+            torchrun.run(torchrun.parse_args(torchrun_argv(nproc, command)))
+        except SignalException as exc:
+            raise KeyboardInterrupt from exc  # one ``interrupted:`` line from the caller; the ranks stay quiet
+        except ChildFailedError as exc:
+            codes = [f.exitcode for _, f in sorted(exc.failures.items())]
+            code = next((c for c in codes if c not in (0, None) and c > 0), None)
+            if code is None:  # every failed rank died of a signal: Ctrl-C reached them first, else a crash (killed)
+                if any(c in (-signal.SIGINT, -signal.SIGTERM) for c in codes):
+                    raise KeyboardInterrupt from None
+                import sys
+
+                for r, f in sorted(exc.failures.items()):  # torchrun's own log is off: say which rank died and how
+                    try:
+                        how = signal.Signals(-f.exitcode).name
+                    except (TypeError, ValueError):
+                        how = f"status {f.exitcode}"
+                    print(f"rank {r} was killed by {how}" + (" (out of memory?)" if how == "SIGKILL" else ""), file=sys.stderr)
+                return 1
+            if code == 130:
+                raise KeyboardInterrupt from None
+            if code == 2:
+                from toolchain.errors import ToolchainError
+
+                messages = sorted(Path(reports).glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+                text = messages[0].read_text(encoding="utf-8").strip() if messages else ""
+                raise ToolchainError(text or "a process exited with a user error (status 2); run with --verbose for details") from None
+            crashes = sorted(Path(reports).glob("crash*.txt"), key=lambda p: int(p.stem[5:]))
+            if crashes:  # a bug: one traceback (rank 0's, else the first rank's that crashed), exit 1
+                import sys
+
+                text = crashes[0].read_text(encoding="utf-8")
+                print(f"{crashes[0].stem.replace('crash', 'rank ')} crashed:\n{text}", end="" if text.endswith("\n") else "\n",
+                      file=sys.stderr)
+            return code
+        finally:
+            os.environ.pop(REPORT_DIR_ENV, None)
     return 0

@@ -68,7 +68,7 @@ def error_table(ckpt: Path, calib: Path, bits: list[int], images: int = 8, batch
         handles.append(layer.register_forward_hook(hook_for(name, layer)))
     try:
         with quantizers_off(model), torch.no_grad():
-            for b in tqdm(batches, desc="error table", leave=False):
+            for b in tqdm(batches, desc="error table", leave=False, disable=_quiet_rank()):
                 model(b.to(device))  # float activations flow; each hook measures its own layer
     finally:
         for h in handles:
@@ -82,3 +82,10 @@ def cost(entry: dict, bits: int, model: str) -> float:
     if model == "bops":
         return float(bits * (entry["w_bits"] or 32) * entry["macs"])
     raise ConfigError(f"unknown cost model '{model}' ({', '.join(COST_MODELS)})")
+
+
+def _quiet_rank() -> bool:
+    """A rank other than 0 under torchrun: its progress bar would repeat rank 0's."""
+    from toolchain import distributed as D
+
+    return D.quiet_rank()

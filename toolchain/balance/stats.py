@@ -47,7 +47,7 @@ def collect_input_absmax(model: nn.Module, layers: dict[str, nn.Module], batches
     batches = list(batches)
     try:
         with torch.no_grad():
-            for b in tqdm(batches, desc=desc, leave=False):
+            for b in tqdm(batches, desc=desc, leave=False, disable=_quiet_rank()):
                 forward(b.to(device))
     finally:
         for h in handles:
@@ -58,3 +58,10 @@ def collect_input_absmax(model: nn.Module, layers: dict[str, nn.Module], batches
 def weight_input_absmax(weight: torch.Tensor) -> torch.Tensor:
     """max|W| over everything but the input-channel axis (axis 1)."""
     return weight.detach().float().abs().transpose(0, 1).reshape(weight.shape[1], -1).amax(dim=1)
+
+
+def _quiet_rank() -> bool:
+    """A rank other than 0 under torchrun: its progress bar would repeat rank 0's."""
+    from toolchain import distributed as D
+
+    return D.quiet_rank()

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is an existing file; allocate writes a folder (caches, mp_table.json, plots)")
     check_not_input(out, [getattr(args, "checkpoint", None), getattr(args, "calib", None)], replaced_whole=False)
+    check_inputs(args)  # every input the stages read, before the lock, the relaunch or any file in --out
     status = maybe_relaunch(args)
     if status is not None:
         return status
@@ -90,6 +91,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_bits(text: str) -> list[int]:
+    from toolchain.errors import UsageError
+
+    try:
+        bits = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--bits {text}: expected comma-separated integers, e.g. 3,4,5,6") from None
+    if not bits or any(not 1 <= b <= 16 for b in bits):
+        raise UsageError(f"--bits {text}: every bit-width must be between 1 and 16")
+    return bits
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse bad inputs of the requested stage(s) with one line before anything is created: the checkpoint,
+    a calibration set of the model's task (SR pairs for an SR model, same-size pairs otherwise), the sweep
+    settings, --bits, --pin, and for `solve` alone the cached error table."""
+    stage = args.stage
+    if stage in ("sensitivity", "errors", "all"):
+        from calibration.dataset import CalibrationSet
+        from toolchain.quant.checkpoint import read_checkpoint_meta
+
+        meta = read_checkpoint_meta(args.checkpoint)
+        CalibrationSet.open(args.calib).check_for(int((meta.get("model_config") or {}).get("upscale", 1) or 1))
+    if stage in ("sensitivity", "all"):
+        from toolchain.alloc.sensitivity import SweepSettings
+
+        SweepSettings(metric=args.metric, epsilon=args.epsilon, start_bits=args.start_bits, max_bits=args.max_bits, images=args.images)
+    if stage in ("errors", "all"):
+        parse_bits(args.bits)
+    if stage in ("solve", "all"):
+        from toolchain.alloc.allocate import parse_pin
+
+        for pin in args.pin:
+            parse_pin(pin)
+    if stage == "solve":
+        from toolchain.errors import ConfigError
+
+        if not (args.out / "errors.json").is_file():
+            raise ConfigError(f"{args.out / 'errors.json'} is missing; run `toolchain allocate errors` first")
+
+
 def _run_locked(args: argparse.Namespace, out: Path, stages: tuple[str, ...] = ("sensitivity", "errors", "solve"),
                 quiet: bool = False) -> int:
     from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
@@ -108,7 +150,7 @@ def _run_locked(args: argparse.Namespace, out: Path, stages: tuple[str, ...] = (
         from toolchain.alloc.errors import error_table
         from toolchain.defaults import device_from_arg
 
-        bits = [int(b) for b in args.bits.split(",")]
+        bits = parse_bits(args.bits)
         table = error_table(args.checkpoint, args.calib, bits, images=args.images, device=str(device_from_arg(args.device)))
         table["checkpoint"] = str(args.checkpoint)
         atomic_write_json(out / "errors.json", table)

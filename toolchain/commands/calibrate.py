@@ -9,12 +9,12 @@ from toolchain.commands.common import add_overwrite_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="build an HQ/LQ calibration set from HQ face images",
+    p = sub.add_parser("calibrate", help="build an HQ/LQ calibration set from HQ images: same-size pairs (face restoration) or x4 SR pairs (OSEDiff)",
                        description="Degrade HQ faces (blur → downsample → noise → JPEG, twice; seeded) into an HQ/LQ "
                                    "calibration set with a manifest. Interrupted builds resume when rerun with the same arguments.")
     p.add_argument("--hq", nargs="+", type=Path, default=None,
                    help="HQ face images or folders (default: the bundled public-domain faces); folders are scanned by content, "
-                        "files that are not still images are skipped and listed")
+                        "files that cannot be used (not still images, too small, ...) are skipped and listed")
     p.add_argument("-n", "--count", type=positive_int, default=16, help="number of pairs (sources are cycled with flips; default 16)")
     p.add_argument("--size", type=positive_int, default=128, help="square side in pixels, 16 to 2048 (default 128)")
     p.add_argument("--seed", type=int, default=0, help="degradation seed (default 0)")

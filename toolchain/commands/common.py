@@ -46,9 +46,13 @@ def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "replace an existi
     p.add_argument("--overwrite", action="store_true", help=f"{what} (inputs are never replaced)")
 
 
-def add_runtime_args(p: argparse.ArgumentParser) -> None:
+def add_runtime_args(p: argparse.ArgumentParser, distributed: bool = False) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward pass (default 4)")
+    batch = "images per forward pass (default 4)"
+    if distributed:
+        batch = ("images per step (default 4); with --nproc-per-node N (or torchrun) this is the global batch, split "
+                 "across the N processes (each takes about 1/N), so results match a 1-process run")
+    p.add_argument("--batch-size", type=positive_int, default=4, help=batch)
 
 
 def resolve_model_path(path: Path | None) -> Path:

@@ -112,6 +112,10 @@ def _run_locked(args: argparse.Namespace) -> int:
     if args.validate and args.calib is None:
         raise ConfigError("--validate needs --calib (a calibration set to run)")
     model, meta = load_for_export(args)
+    if args.calib is not None:  # a set of the other task (SR pairs for a face model, or the reverse) is refused
+        from calibration.dataset import CalibrationSet
+
+        CalibrationSet.open(args.calib).check_for(int(getattr(model.config, "upscale", 1) or 1))
     out: Path = args.out
     print(f"exporting {args.checkpoint or args.model} ({args.part}) to {args.target.upper()} -> {out} …", file=sys.stderr, flush=True)
     with atomic_file_group(out.parent, out.stem, stale=group_names(out)) as staging, stdout_to_stderr():

@@ -6,6 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+# The presets `model init` offers, kept here so that --help imports no torch; a test checks that they are
+# toolchain.models.configs.PRESETS (in the same order).
+PRESET_NAMES = ("osdface", "ref", "tiny", "osediff", "osediff-tiny")
+PRESET_HELP = ("architecture preset: " + ", ".join(PRESET_NAMES) +
+               " (osdface/ref/tiny: face restoration at the input size; osediff/osediff-tiny: x4 super-resolution)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,12 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or convert between the single-file, directory and diffusers-folder formats.")
     msub = p.add_subparsers(dest="model_cmd", required=True)
     init = msub.add_parser("init", help="write a randomly initialised model of a preset (for tests and timing)")
-    init.add_argument("--preset", required=True, help="tiny, ref or osdface")
+    init.add_argument("--preset", required=True, help=PRESET_HELP)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--format", choices=["file", "dir", "diffusers"], default="file")
     init.add_argument("--out", type=Path, required=True, help="new path, or an earlier model of the toolchain (else --overwrite)")
     init.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
-    info = msub.add_parser("info", help="print a model's config and parameter counts")
+    info = msub.add_parser("info", help="print a model's config (input size, upscale factor, output size) and parameter counts")
     info.add_argument("path", type=Path)
     info.add_argument("--preset", default=None)
     conv = msub.add_parser("convert", help="convert a model to another on-disk format, or a pickle checkpoint to safetensors",
@@ -114,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.model_cmd == "info":
         model = load_model(args.path, args.preset)
         parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
-        print(json.dumps({"name": model.config.name, "kind": model.config.kind, "image_size": model.image_size, "timestep": model.config.timestep,
+        upscale = int(getattr(model.config, "upscale", 1) or 1)
+        print(json.dumps({"name": model.config.name, "kind": model.config.kind, "image_size": model.image_size,
+                          "upscale": upscale, "output_size": model.image_size * upscale, "timestep": model.config.timestep,
                           "params_M": {k: round(v / 1e6, 3) for k, v in parts.items()}}, indent=2))
     elif args.src.suffix in _pickle_suffixes() and args.preset is None:
         from toolchain.io.convert import pickle_to_safetensors

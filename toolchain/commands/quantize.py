@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="minmax", help="quantization method (default minmax; see `toolchain methods`)")
     p.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w4a4, w6a6 (default w8a8)")
     p.add_argument("--config", type=Path, default=None, help="full QuantConfig JSON (overrides --method/--bits)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (value parsed as JSON); repeatable")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter, converted to its type (integer, number, true/false, text, none for optional ones, comma-separated or JSON list); `toolchain methods` lists them; repeatable")
     p.add_argument("--include", action="append", default=None, metavar="REGEX", help="layers in scope (default: ^unet\\. and ^vae\\.)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="layers kept in float")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=wXaY", help="per-layer bits override, e.g. 'conv_in$=w8a8'")
@@ -33,13 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint directory to write: new, empty or a previous checkpoint (else --overwrite); an interrupted "
                         "run resumes only when model, calibration set and settings are unchanged")
     add_overwrite_arg(p)
-    add_runtime_args(p)
+    add_runtime_args(p, distributed=True)
     add_nproc_arg(p)
     p.set_defaults(func=run)
 
 
-def _parse_params(items: list[str]) -> dict:
-    params = {}
+def _parse_params(items: list[str], method: str | None = None) -> dict:
+    """``--param KEY=VALUE`` items as {KEY: value}; a value is read as JSON, else kept as text. With
+    ``method``, each value is checked against (and converted to) the type of the method's parameter:
+    ``--param train_steps=abc`` is ``error: --param train_steps=abc: expected an integer``."""
+    params, raw, labels = {}, {}, {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -48,6 +51,11 @@ def _parse_params(items: list[str]) -> dict:
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
+        raw[key], labels[key] = value, f"--param {item}"
+    if method is not None:
+        from toolchain.methods.registry import coerce_params, method_class
+
+        params = coerce_params(method_class(method), params, labels, raw)
     return params
 
 
@@ -74,7 +82,7 @@ def build_config(args: argparse.Namespace):
         rules = table_rules(load_table(args.mp_table))
         cfg.rules += rules
         cfg.rule_sources = {r.pattern: str(args.mp_table) for r in rules}
-    cfg.params.update(_parse_params(args.param))
+    cfg.params.update(_parse_params(args.param, cfg.method))
     return cfg
 
 
@@ -125,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "quantized checkpoint", is_checkpoint, inputs=[model_path, args.calib, args.config, args.mp_table],
                      overwrite=args.overwrite)
     if getattr(args, "nproc_per_node", None) not in (None, 1) and not D.launched():
-        get_method_checked(args)  # bad method parameters: one error line here, not one per rank
+        get_method_checked(args)  # bad method parameters: one error line here, before any rank starts
+        from calibration.dataset import CalibrationSet
+        from toolchain.models.storage import model_config
+
+        CalibrationSet.open(args.calib).check_for(int(getattr(model_config(model_path, args.preset), "upscale", 1) or 1))
     status = maybe_relaunch(args)
     if status is not None:
         return status

@@ -9,11 +9,14 @@ from toolchain.commands.common import add_model_args, add_overwrite_arg, add_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("restore", help="restore face images with a float model or a quantized checkpoint",
-                       description="Restore face images (any format Pillow opens: PNG/JPEG/GIF/TIFF/WebP/TGA/PPM/..., 8/16-bit or "
-                                   "float, RGB, RGBA, palette, CMYK or grey, any size). Each image is resized and padded to the model "
-                                   "size, restored, and written back at its original size and mode as PNG. Folders are scanned by "
-                                   "content: files that are not still images are skipped and listed by name at the end.")
+    p = sub.add_parser("restore", help="restore face images, or upscale x4 with an OSEDiff (SR) model; float model or quantized checkpoint",
+                       description="Restore images (any format Pillow opens: PNG/JPEG/GIF/TIFF/WebP/TGA/PPM/..., 8/16-bit or "
+                                   "float, RGB, RGBA, palette, CMYK or grey, any size). Each image is resized and padded to the model's "
+                                   "input size, run through the model and written as PNG in its original mode: at its original size "
+                                   "for a face-restoration model (OSDFace), at its upscale factor times the original size for a "
+                                   "super-resolution model (OSEDiff: 4x; `toolchain model info` shows the factor). Folders are "
+                                   "scanned by content: files that cannot be used (not still images, animated, truncated, too small, "
+                                   "...) are skipped and listed by name at the end; a file named on the command line must be usable.")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (PNG files named after the inputs); never an input folder; existing files of the same name "

@@ -22,7 +22,7 @@ def restore_set(model: Callable[[torch.Tensor], torch.Tensor], lq_batches: list[
     """Restore pre-batched LQ tensors ([-1,1]); returns images in [0,1] on CPU."""
     outs = []
     with torch.no_grad():
-        for b in tqdm(lq_batches, desc=desc, leave=False):
+        for b in tqdm(lq_batches, desc=desc, leave=False, disable=_quiet_rank()):
             outs.append(((model(b.to(device)).float().cpu() + 1) / 2).clamp(0, 1))
     return torch.cat(outs)
 
@@ -77,3 +77,10 @@ def load_eval_set(data: CalibrationSet, size: int, limit: int | None, batch_size
     if upscale > 1:
         lq = torch.nn.functional.interpolate(lq, scale_factor=upscale, mode="bicubic", align_corners=False).clamp(-1, 1)
     return lq_batches, (lq + 1) / 2, hq
+
+
+def _quiet_rank() -> bool:
+    """A rank other than 0 under torchrun: its progress bar would repeat rank 0's."""
+    from toolchain import distributed as D
+
+    return D.quiet_rank()

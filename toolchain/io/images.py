@@ -214,12 +214,29 @@ def probe_image(path: Path) -> str | None:
     return None
 
 
+def unusable_reason(path: Path) -> str | None:
+    """None if ``path`` decodes into a usable image (``load_image`` succeeds), else a short reason without
+    the path ("not an image", "animated", "too small (1x3)", "holds 4 non-finite (NaN/Inf) pixel values", ...)."""
+    why = probe_image(path)
+    if why is not None:
+        return why
+    try:
+        load_image(path)
+    except InputError as exc:
+        msg, name = str(exc), str(path)
+        msg = msg[len(name):] if msg.startswith(name) else msg.replace(f" {name}", "")
+        msg = msg.strip(" :")
+        return (msg[3:] if msg.startswith("is ") else msg)[:100]
+    return None
+
+
 def scan_images(inputs: list[str | os.PathLike], what: str = "input") -> ImageScan:
     """Expand files and folders (non-recursive) into images, by content rather than extension.
 
     Files named explicitly must be readable images (InputError otherwise, naming the file); inside a
-    folder, every file Pillow opens as a still image is used and everything else — non-images,
-    animated files, sub-folders, hidden files — is recorded in ``skipped`` with its reason.
+    folder, every file that decodes into a usable image is used and everything else — non-images,
+    animated, truncated or too-small files, non-finite float images, sub-folders, hidden files — is
+    recorded in ``skipped`` with its reason.
     Raises InputError if an input is missing or no image is found at all."""
     scan = ImageScan()
     for item in inputs:
@@ -230,7 +247,7 @@ def scan_images(inputs: list[str | os.PathLike], what: str = "input") -> ImageSc
                     scan.skipped.append((q, "hidden"))
                 elif q.is_dir():
                     scan.skipped.append((q, "folder"))
-                elif (why := probe_image(q)) is not None:
+                elif (why := unusable_reason(q)) is not None:
                     scan.skipped.append((q, why))
                 else:
                     scan.paths.append(q)

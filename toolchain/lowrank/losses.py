@@ -36,9 +36,12 @@ def perceptual_loss(lpips_weights: str | Path | None) -> tuple[Callable[[torch.T
             p.requires_grad_(False)
         return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "LPIPS-Alex"
     # one line on stderr (it also went through logging's last-resort handler before, so it printed twice)
-    print(f"WARNING: LPIPS weights not given (pass --param lpips_weights=PATH to {M.LPIPS_ALEX_FILE}): using the "
-          "shift-tolerant LPIPS from the stlpips-pytorch wheel as the perceptual term instead "
-          "(a documented substitute, not the paper's LPIPS)", file=sys.stderr)
+    from toolchain import distributed as D
+
+    if not D.quiet_rank():  # once per run, not once per rank
+        print(f"WARNING: LPIPS weights not given (pass --param lpips_weights=PATH to {M.LPIPS_ALEX_FILE}): using the "
+              "shift-tolerant LPIPS from the stlpips-pytorch wheel as the perceptual term instead "
+              "(a documented substitute, not the paper's LPIPS)", file=sys.stderr)
     net = M.stlpips_net()
     return (lambda a, b: net.to(a.device)(a.float(), b.float()).mean()), "ST-LPIPS (substitute)"
 

@@ -9,8 +9,12 @@ methods need no CLI change.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -44,14 +48,10 @@ class QuantMethod(ABC):
     Params: ClassVar[type] = NoParams
     summary_doc: ClassVar[str] = ""
 
-    def __init__(self, params: dict[str, Any] | None = None):
-        params = dict(params or {})
-        allowed = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = set(params) - allowed
-        if unknown:
-            raise ConfigError(f"method '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}; it accepts: {', '.join(sorted(allowed)) or 'none'}")
+    def __init__(self, params: dict[str, Any] | None = None, labels: dict[str, str] | None = None):
+        params = coerce_params(self, dict(params or {}), labels)
         try:
-            self.params = self.Params(**params)
+            self.params = self.Params(**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid parameters for method '{self.name}': {exc}") from None
 
@@ -63,6 +63,112 @@ class QuantMethod(ABC):
 METHODS: dict[str, type[QuantMethod]] = {}
 
 
+def _kind(tp: Any) -> tuple[str, Any, bool]:
+    """(kind, element type, optional) of a Params field annotation: kind is int/float/bool/str/tuple/other."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) != 1:
+            return "other", None, optional
+        tp, origin = args[0], typing.get_origin(args[0])
+    if origin in (tuple, list):
+        elem = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return "tuple", elem[0] if elem else str, optional
+    if tp in (int, float, bool, str):
+        return tp.__name__, None, optional
+    return "other", None, optional
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _coerce_scalar(kind: str, value: Any, raw: str | None) -> Any:
+    """``value`` as ``kind``; raises ValueError with what was expected. ``raw`` is the text given on the
+    command line (a ``str`` field keeps it as typed, e.g. ``--param path=007``)."""
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if raw is not None and not isinstance(value, (list, dict)):
+            return raw
+        raise ValueError(_EXPECTED[kind])
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        raise ValueError(_EXPECTED[kind])
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(_EXPECTED[kind])
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise ValueError(_EXPECTED[kind])
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(_EXPECTED[kind])
+        if not math.isfinite(value):
+            raise ValueError("a finite number")
+        return float(value)
+    return value
+
+
+def coerce_params(method: "QuantMethod | type[QuantMethod]", params: dict[str, Any], labels: dict[str, str] | None = None,
+                  raw: dict[str, str] | None = None) -> dict[str, Any]:
+    """``params`` checked against ``method.Params``: unknown names and values of the wrong type are a
+    ConfigError (``--param train_steps=abc: expected an integer``); returns the values converted to the
+    field types (a tuple field as a JSON list). ``labels``: how to name a value in the error (default
+    ``parameter 'NAME' = VALUE``); ``raw``: the text of command-line values (kept as is for str fields)."""
+    allowed = {f.name for f in dataclasses.fields(method.Params)}
+    unknown = set(params) - allowed
+    if unknown:
+        raise ConfigError(f"method '{method.name}' has no parameter(s) {', '.join(sorted(unknown))}; it accepts: {', '.join(sorted(allowed)) or 'none'}")
+    try:
+        hints = typing.get_type_hints(method.Params)
+    except Exception:  # an annotation that cannot be resolved: leave the values to the dataclass
+        return params
+    out = {}
+    for key, value in params.items():
+        kind, elem, optional = _kind(hints.get(key))
+        text = (raw or {}).get(key)
+        label = (labels or {}).get(key) or f"parameter '{key}' = {json.dumps(value, default=str)}"
+        try:
+            if value is None or (text is not None and optional and text.strip().lower() in ("none", "null")):
+                if not optional:
+                    raise ValueError(_EXPECTED.get(kind, "a value") + ", not null")
+                out[key] = None
+            elif kind == "tuple":
+                ekind = _kind(elem)[0]
+                if isinstance(value, str):  # a comma-separated list on the command line
+                    items = [v.strip() for v in value.split(",") if v.strip()]
+                    parsed = []
+                    for item in items:
+                        try:
+                            parsed.append(json.loads(item))
+                        except json.JSONDecodeError:
+                            parsed.append(item)
+                    value, texts = parsed, items
+                elif isinstance(value, (list, tuple)):
+                    texts = [None] * len(value)
+                else:
+                    raise ValueError(f"a list of {_EXPECTED.get(ekind, 'values')[2:] if ekind != 'bool' else 'true/false'} values "
+                                     "(JSON [..] or comma-separated)")
+                try:
+                    out[key] = [_coerce_scalar(ekind, v, t) for v, t in zip(value, texts)]
+                except ValueError as exc:
+                    raise ValueError(f"a list whose items are each {exc}") from None
+            else:
+                out[key] = _coerce_scalar(kind, value, text)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: expected {exc}") from None
+    return out
+
+
 def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
     if cls.name in METHODS:
         raise ValueError(f"method '{cls.name}' registered twice")
@@ -71,11 +177,15 @@ def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
 
 
 def get_method(name: str, params: dict[str, Any] | None = None) -> QuantMethod:
+    return method_class(name)(params)
+
+
+def method_class(name: str) -> type[QuantMethod]:
     import toolchain.methods  # noqa: F401  (registers the built-in methods)
 
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
-    return METHODS[name](params)
+    return METHODS[name]
 
 
 def param_defaults(name: str) -> dict[str, Any]:

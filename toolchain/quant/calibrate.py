@@ -119,7 +119,7 @@ def calibrate_activations(
             tqdm.write(f"resuming calibration at batch {start}/{len(batches)} from {state_dir}")
     device = next(model.parameters()).device
     with torch.no_grad():
-        for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), leave=False):
+        for i in tqdm(range(start, len(batches)), desc=desc, initial=start, total=len(batches), leave=False, disable=_quiet_rank()):
             forward(batches[i].to(device))
             if state_dir and ((i + 1) % checkpoint_every == 0) and i + 1 < len(batches):
                 _save_observers(state_dir, quantizers, i + 1, fp)
@@ -134,3 +134,10 @@ def _save_observers(state_dir: Path, quantizers: dict, done: int, fp: str) -> No
     tensors = {f"{name}.{k}": v for name, q in quantizers.items() for k, v in q.observer.state_dict().items()}
     save_tensors(state_dir / "observers.safetensors", tensors)
     atomic_write_json(state_dir / "progress.json", {"done": done, "fingerprint": fp})
+
+
+def _quiet_rank() -> bool:
+    """A rank other than 0 under torchrun: its progress bar would repeat rank 0's."""
+    from toolchain import distributed as D
+
+    return D.quiet_rank()
