@@ -488,3 +488,15 @@ def test_param_values_take_the_type_of_the_method_parameter():
 
     m = get_method("qartsr", {"timestep_offsets": [-50, 50]})
     assert m.params.timestep_offsets == (-50, 50)
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tiny_model_path):
+    """`toolchain model info X | head -1`: the reader leaves before the output is written. No traceback,
+    exit 141 (128 + SIGPIPE, what a shell shows for a tool stopped by a closed pipe)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "model", "info", str(tiny_model_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone long before the command (seconds of imports) prints
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -28,6 +28,7 @@ VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "e
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 INTERRUPTED_LINE = "interrupted: nothing was left half-written; run the same command again to resume"
 
 # OSErrors that describe the user's file system, not a bug: reported as one line.
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _interrupted(verbose)
             _report(str(exc), verbose)
             return EXIT_USER_ERROR
+        except BrokenPipeError:  # `toolchain … | head`: the reader left; stop quietly, like a SIGPIPE'd tool
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+            return EXIT_BROKEN_PIPE
         except OSError as exc:
             if watch.fired:
                 return _interrupted(verbose)
