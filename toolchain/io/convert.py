@@ -14,6 +14,12 @@ from toolchain.errors import CheckpointError
 from toolchain.io.weights import check_finite, load_tensors, save_tensors
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """{"path", "name", "bytes", "sha256"} of a source file, as import reports record them."""
+    path = Path(path)
+    return {"path": str(path), "name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,18 @@ CONFIG_KEY = "toolchain_model_config"
 PARTS = ("unet", "vae", "embedder")
 
 
+def save_model_dir(path: str | os.PathLike, config: ModelConfig, state: dict[str, torch.Tensor], extra_json: dict[str, Any] | None = None) -> Path:
+    """Write a model folder atomically: ``model_config.json`` + ``model.safetensors`` (config also in its
+    metadata) and any ``extra_json`` files (name → JSON document, e.g. an import report)."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        atomic_write_json(tmp / "model_config.json", config.to_dict())
+        save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: json.dumps(config.to_dict())})
+        for name, doc in (extra_json or {}).items():
+            atomic_write_json(tmp / name, doc)
+    return path
+
+
 def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", dtype: torch.dtype | None = None) -> Path:
     """Save ``model`` as ``fmt`` = "file" (one .safetensors), "dir" or "diffusers"."""
     path = Path(path)
@@ -40,10 +53,7 @@ def save_model(model: OSDFaceModel, path: str | os.PathLike, fmt: str = "file", 
             raise CheckpointError(f"a single-file model must end in .safetensors: {path}")
         return save_tensors(path, state, metadata={CONFIG_KEY: cfg_json})
     if fmt == "dir":
-        with atomic_directory(path) as tmp:
-            atomic_write_json(tmp / "model_config.json", model.config.to_dict())
-            save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: cfg_json})
-        return path
+        return save_model_dir(path, model.config, state)
     if fmt == "diffusers":
         if model.config.kind != "osdface":
             raise CheckpointError(f"the diffusers-folder format holds osdface models only; save this {model.config.kind} model as file or dir")

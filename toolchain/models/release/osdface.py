@@ -16,7 +16,6 @@ scheduler (float32 cumprod), latent scale from the VAE config.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -25,15 +24,14 @@ from typing import Any
 import torch
 
 from toolchain.errors import CheckpointError
-from toolchain.io.atomic import atomic_directory, atomic_write_json
-from toolchain.io.convert import sha256_file
-from toolchain.io.weights import check_finite, load_tensors, save_tensors
+from toolchain.io.convert import file_record
+from toolchain.io.weights import check_finite, load_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osdface import OSDFaceModel
 from toolchain.models.release.lora import merge_lora, read_lora
 from toolchain.models.release.sd_folder import read_sd_folder
 from toolchain.models.release.vre import embedder_config, import_projection, import_vre
-from toolchain.models.storage import CONFIG_KEY, known_unet_keys, known_vae_keys
+from toolchain.models.storage import known_unet_keys, known_vae_keys, save_model_dir
 
 TIMESTEP = 399
 REPORT_NAME = "import_report.json"
@@ -83,8 +81,8 @@ def import_osdface(sd: str | os.PathLike, vre: str | os.PathLike, proj: str | os
     state.update({f"embedder.{k}": v for k, v in {**vre_import.tensors, **proj_tensors}.items()})
     _check_against_architecture(config, state, sd)
 
-    sources = {"sd": [_file_record(p) for p in parts.files], "vre": _file_record(vre), "proj": _file_record(proj),
-               "lora": _file_record(lora)}
+    sources = {"sd": [file_record(p) for p in parts.files], "vre": file_record(vre), "proj": file_record(proj),
+               "lora": file_record(lora)}
     report = {
         "kind": "osdface",
         "sources": sources,
@@ -96,15 +94,8 @@ def import_osdface(sd: str | os.PathLike, vre: str | os.PathLike, proj: str | os
         "one_step": {"timestep": TIMESTEP, "alpha_bar": alpha_bar, "latent_scaling": config.latent_scaling,
                      "image_size": config.image_size, "vre_input_size": config.embedder.input_size},
     }
-    with atomic_directory(out) as tmp:
-        atomic_write_json(tmp / "model_config.json", config.to_dict())
-        save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: json.dumps(config.to_dict())})
-        atomic_write_json(tmp / REPORT_NAME, report)
+    save_model_dir(out, config, state, {REPORT_NAME: report})
     return report
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _check_against_architecture(config: ModelConfig, state: dict[str, torch.Tensor], sd: Path) -> None:

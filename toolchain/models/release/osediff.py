@@ -17,7 +17,6 @@ The prompt is a constant embedding file (DAPE + CLIP are not available offline),
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -26,14 +25,13 @@ from typing import Any
 import torch
 
 from toolchain.errors import CheckpointError
-from toolchain.io.atomic import atomic_directory, atomic_write_json
-from toolchain.io.convert import sha256_file
-from toolchain.io.weights import check_finite, load_tensors, save_tensors
+from toolchain.io.convert import file_record
+from toolchain.io.weights import check_finite, load_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osediff import OSEDiffModel
 from toolchain.models.release.lora import LoraPair, merge_lora
 from toolchain.models.release.sd_folder import read_sd_folder
-from toolchain.models.storage import CONFIG_KEY, known_unet_keys, known_vae_keys
+from toolchain.models.storage import known_unet_keys, known_vae_keys, save_model_dir
 
 TIMESTEP = 999
 UPSCALE = 4
@@ -173,21 +171,15 @@ def import_osediff(sd: str | os.PathLike, weights: str | os.PathLike, prompt_emb
 
     report = {
         "kind": "osediff",
-        "sources": {"sd": [_record(p) for p in parts.files], "weights": _record(weights), "prompt_embedding": _record(prompt_embedding)},
+        "sources": {"sd": [file_record(p) for p in parts.files], "weights": file_record(weights),
+                    "prompt_embedding": file_record(prompt_embedding)},
         "unet_lora": merged(unet_merge) | {"conv_in": "replaced by conv_in.base_layer, then its LoRA merged"},
         "vae_lora": merged(vae_merge),
         "one_step": {"timestep": TIMESTEP, "alpha_bar": alpha_bar, "upscale": UPSCALE, "input_size": config.image_size,
                      "latent_scaling": config.latent_scaling},
     }
-    with atomic_directory(out) as tmp:
-        atomic_write_json(tmp / "model_config.json", config.to_dict())
-        save_tensors(tmp / "model.safetensors", state, metadata={CONFIG_KEY: json.dumps(config.to_dict())})
-        atomic_write_json(tmp / REPORT_NAME, report)
+    save_model_dir(out, config, state, {REPORT_NAME: report})
     return report
-
-
-def _record(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
