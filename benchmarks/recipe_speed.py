@@ -30,12 +30,12 @@ import toolchain  # noqa: E402,F401
 from benchmarks.common import command_line, environment  # noqa: E402
 from toolchain.balance.transform import BalanceConfig  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from toolchain.lowrank.compensate import _branch_params, attach_branches  # noqa: E402
+from toolchain.lowrank.compensate import _branch_params, attach_branches, follow_trained_weights  # noqa: E402
 from toolchain.methods.balanced import balance_model  # noqa: E402
 from toolchain.methods.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, preset  # noqa: E402
 from toolchain.quant import quantizer as Q  # noqa: E402
-from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers  # noqa: E402
+from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model  # noqa: E402
 from toolchain.quant.config import QuantConfig  # noqa: E402
 
 
@@ -75,19 +75,38 @@ def profile_top(step, dev: torch.device, n: int = 3) -> str:
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
-def plain_step_fn(model, x, target, dev):
-    params = [p for p in model.parameters()]
+def _trainable(params) -> list[torch.nn.Parameter]:
+    params = list(params)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    return params
+
+
+def _mse(model):
+    """The step's loss: MSE of the model's output against the float model's (logged terms: none)."""
+    return lambda xi, ti: (F.mse_loss(model(xi).float(), ti), {})
+
+
+def _eager_step_fn(model, opt, x, target, dev, check_finite: bool):
+    """One eager step; ``check_finite`` reads the loss on the host (a device sync) as the trainer does for QD-LoRA,
+    so the plain step (a baseline with no such check) is not slowed by it."""
+    loss_fn = _mse(model)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = F.mse_loss(model(x).float(), target)
+            loss, _ = loss_fn(x, target)
+        if check_finite and not torch.isfinite(loss):
+            raise FloatingPointError("loss is not finite")
         loss.backward()
         opt.step()
     return step
+
+
+def plain_step_fn(model, x, target, dev):
+    """Every weight trainable, AdamW."""
+    params = _trainable(model.parameters())
+    return _eager_step_fn(model, torch.optim.AdamW(params, lr=1e-6), x, target, dev, check_finite=False)
 
 
 def qdlora_model(model, x, dev, rank: int):
@@ -100,43 +119,27 @@ def qdlora_model(model, x, dev, rank: int):
     calibrate_activations(model, [x[:1]])
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in quant_layers(model):
-        if layer.weight_quantizer is not None:
-            layer.weight_quantizer.dynamic = True
+    follow_trained_weights(model)  # as train_branches does (every weight-quantized layer has a branch here)
     return model
 
 
 def qdlora_step_fn(model, x, target, dev):
-    params = list(_branch_params(model).values())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=1e-5)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = F.mse_loss(model(x).float(), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("loss is not finite")
-        loss.backward()
-        opt.step()
-    return step
+    """The branches trainable, Adam, eager."""
+    params = _trainable(_branch_params(model).values())
+    return _eager_step_fn(model, torch.optim.Adam(params, lr=1e-5), x, target, dev, check_finite=True)
 
 
 def qdlora_graph_step_fn(model, x, target, dev):
     """The fast step with forward + backward captured in a CUDA graph (toolchain/train/graphs.py); Adam stays eager."""
     from toolchain.train.graphs import GraphedStep
 
-    params = list(_branch_params(model).values())
-    for p in params:
-        p.requires_grad_(True)
+    params = _trainable(_branch_params(model).values())
     opt = torch.optim.Adam(params, lr=1e-5)
-    graphed = GraphedStep(params, lambda xi, ti: (F.mse_loss(model(xi).float(), ti), {}), torch.bfloat16, warmup=2)
+    graphed = GraphedStep(params, _mse(model), torch.bfloat16, warmup=2)
 
     def step():
-        loss, _ = graphed(x, target)
+        graphed(x, target)
         opt.step()
-    step.loss = lambda: graphed.static_out[0] if graphed.static_out else None
     return step
 
 
@@ -144,17 +147,15 @@ def graph_parity(model, x, target, dev) -> dict:
     """Loss and branch gradients of one replayed CUDA-graph step vs the same step run eagerly (no optimizer step)."""
     from toolchain.train.graphs import GraphedStep
 
-    params = list(_branch_params(model).values())
-    for p in params:
-        p.requires_grad_(True)
-    graphed = GraphedStep(params, lambda xi, ti: (F.mse_loss(model(xi).float(), ti), {}), torch.bfloat16, warmup=1)
+    params = _trainable(_branch_params(model).values())
+    graphed = GraphedStep(params, _mse(model), torch.bfloat16, warmup=1)
     graphed(x, target)
     loss_g = graphed(x, target)[0].detach().clone()
     grads_g = [p.grad.detach().clone() for p in params]
     for p in params:
         p.grad = None
     with torch.autocast(dev.type, dtype=torch.bfloat16):
-        loss_e = F.mse_loss(model(x).float(), target)
+        loss_e, _ = _mse(model)(x, target)
     loss_e.backward()
     num = max(float((a - p.grad).abs().max()) for a, p in zip(grads_g, params))
     den = max(float(p.grad.abs().max()) for p in params)
@@ -245,7 +246,7 @@ def main() -> None:
         "command": command_line(), "environment": environment(), "rows": rows,
     }
     atomic_write_json(args.out / "results.json", results)
-    lines = [f"# QD-LoRA step vs plain training step (same model, same batch, one run)\n", f"Command: `{results['command']}`  ",
+    lines = ["# QD-LoRA step vs plain training step (same model, same batch, one run)\n", f"Command: `{results['command']}`  ",
              f"Device: {results['environment'].get('gpu') or results['environment'].get('cpu')}\n",
              "| preset | px | batch | step | ms (median) | peak GiB | / plain |", "|---|---|---|---|---|---|---|"]
     for n, w in rows.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_batches
-from toolchain.lowrank.compensate import _branch_params
+from toolchain.lowrank.compensate import _branch_params, follow_trained_weights
 from toolchain.methods import MethodContext
 from toolchain.models import load_model
 from toolchain.quant import quantizer as Q
@@ -42,9 +42,7 @@ def test_fast_path_equals_reference_in_a_qdlora_step(tiny_model_path, reference_
     with torch.no_grad():  # a non-zero LoRA B, as after some training, so both branches carry gradient
         for name, p in _branch_params(model).items():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 1e-2)
-    for _, layer in quant_layers(model):
-        if layer.weight_quantizer is not None:
-            layer.weight_quantizer.dynamic = True  # as train_branches sets it
+    assert follow_trained_weights(model) == sum(layer.weight_quantizer is not None for _, layer in quant_layers(model))
     ref_model = copy.deepcopy(model)
     x = tiny_batches(1, seed=5)[0]
     fast_y, fast_g = _step(model, x, _branch_params(model))

@@ -8,7 +8,6 @@ run with its forward + backward captured in a CUDA graph follows the eager run, 
 shortcuts (dense Hadamard, no float16 round trip under autocast) keep the model's output.
 """
 
-import copy
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from conftest import tiny_batches
 from toolchain.balance import transform as T
 from toolchain.lowrank import branch as B
-from toolchain.lowrank.compensate import _branch_params
+from toolchain.lowrank.compensate import _branch_params, follow_trained_weights
 from toolchain.methods import MethodContext
 from toolchain.models import load_model
 from toolchain.quant.api import quantize_
@@ -55,9 +54,7 @@ def _qdlora_model(path, seed=0):
               MethodContext(tiny_batches(2)))
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in quant_layers(model):
-        if layer.weight_quantizer is not None:
-            layer.weight_quantizer.dynamic = True
+    assert follow_trained_weights(model) == sum(layer.weight_quantizer is not None for _, layer in quant_layers(model))
     return model
 
 
@@ -112,7 +109,7 @@ def test_cuda_graph_step_equals_the_eager_step(tiny_model_path):
 
     ref0, ref1 = eager(xs[0]), eager(xs[1])
     step = GraphedStep(list(params.values()), loss_fn, torch.bfloat16, warmup=1)
-    warm = step(xs[0])  # eager warm-up
+    step(xs[0])  # eager warm-up
     first = step(xs[0])  # capture + replay
     assert step.graph is not None and step.replays == 1
     l_first, g_first = float(first[0]), _grads(params)

@@ -97,6 +97,18 @@ def _branch_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def follow_trained_weights(model: nn.Module) -> int:
+    """Put the weight quantizer of every layer with a low-rank branch in dynamic min-max mode, so its grid
+    follows the residual W − L1·L2 (+ B·A) while the branch trains; ``calibrate_weights`` freezes it again.
+    Returns the number of layers switched."""
+    n = 0
+    for _, layer in quant_layers(model):
+        if layer.lowrank is not None and layer.weight_quantizer is not None:
+            layer.weight_quantizer.dynamic = True
+            n += 1
+    return n
+
+
 def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path | None, steps: int, lr: float, seed: int,
                    device: torch.device, lpips_weights: str | None = None, w_perceptual: float = 0.5, w_mse: float = 0.5,
                    gradient_checkpointing: bool = False, checkpoint_every: int = 50, train_parts: tuple[str, ...] = ("svd", "lora"),
@@ -123,9 +135,7 @@ def train_branches(model: nn.Module, batches: list[torch.Tensor], workdir: Path 
     params = {k: p for k, p in _branch_params(model).items() if any(f".parts.{part}." in k for part in train_parts)}
     if not params:
         return {"trained_parameters": 0}
-    for _, layer in quant_layers(model):
-        if layer.lowrank is not None and layer.weight_quantizer is not None:
-            layer.weight_quantizer.dynamic = True
+    follow_trained_weights(model)
     if gradient_checkpointing:
         for part in (model.unet, model.vae):
             part.enable_gradient_checkpointing()
