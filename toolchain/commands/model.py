@@ -43,22 +43,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "read without running any code in them.")
     isub = imp.add_subparsers(dest="import_kind", required=True)
     osd = isub.add_parser("osdface", help="OSDFace: SD-2.1-base folder + associate_2.ckpt + embedding_change_weights.pth + LoRA")
-    osd.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    _release_args(osd)
     osd.add_argument("--vre", type=Path, required=True, help="associate_2.ckpt (the VRE's Lightning checkpoint) or its safetensors")
     osd.add_argument("--proj", type=Path, required=True, help="embedding_change_weights.pth (the VRE's 1x1 projection)")
     osd.add_argument("--lora", type=Path, required=True, help="pytorch_lora_weights.safetensors (UNet LoRA, merged at import)")
     osd.add_argument("--lora-alpha", type=float, default=None,
                      help="LoRA alpha when the file has no alpha keys (default: the file's rank, i.e. scale 1.0 as released)")
-    osd.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
-    osd.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     ose = isub.add_parser("osediff", help="OSEDiff: SD-2.1-base folder + osediff.pkl + a constant prompt embedding")
-    ose.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    _release_args(ose)
     ose.add_argument("--weights", type=Path, required=True, help="osediff.pkl (UNet/VAE-encoder LoRA + fine-tuned conv_in)")
     ose.add_argument("--prompt-embedding", type=Path, required=True,
                      help="one tensor (1, 77, cross_attention_dim) used as the constant prompt (.safetensors or .pt)")
-    ose.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
-    ose.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
     p.set_defaults(func=run)
+
+
+def _release_args(parser: argparse.ArgumentParser) -> None:
+    """The options every release importer takes."""
+    parser.add_argument("--sd", type=Path, required=True, help="Stable Diffusion diffusers folder (unet/, vae/, scheduler/)")
+    parser.add_argument("--out", type=Path, required=True, help="model directory to write (new, or an earlier model of the toolchain)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a toolchain model")
 
 
 def _pickle_suffixes() -> tuple[str, ...]:
