@@ -13,11 +13,19 @@ Calibration images are the bundled faces resized to the model size and degraded 
 
 The distillation loss is MSE only when ``--mse-only`` (no perceptual network: the GPU machine has no
 stlpips wheel); the sweep metric is ``--sweep-metric`` (mse by default, which needs no weights).
+
+Resumable (``--work`` keeps the stage log ``stages.json``): the device machine runs one command for at
+most 10 minutes, so a run cut off there is continued by running the same command again. Stages up to the
+saved calibrated checkpoint are then not re-run (the model is loaded from that checkpoint); the sweep
+continues from its per-layer cache, and its time is summed over the calls (a cut-off call's share is
+measured up to its last cached layer, so time spent on a layer that was cut off is not counted); any
+other stage cut off is re-run whole. ``partial.json`` in ``--out`` is rewritten after every stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,9 +50,25 @@ from toolchain.quant.config import QuantConfig  # noqa: E402
 
 
 class Stages:
-    def __init__(self, device: torch.device):
+    """Times stages; with a ``log`` file the finished rows survive a cut-off run (see the module docstring)."""
+
+    def __init__(self, device: torch.device, log: Path | None = None, partial: Path | None = None):
         self.device = device
+        self.log, self.partial = log, partial
         self.rows: list[dict] = []
+        self.calls = 1
+        if log is not None and log.is_file():
+            state = json.loads(log.read_text())
+            self.rows, self.calls = state["rows"], state["calls"] + 1
+
+    def done(self, name: str) -> bool:
+        return any(r["stage"] == name for r in self.rows)
+
+    def save(self) -> None:
+        if self.log is not None:
+            atomic_write_json(self.log, {"rows": self.rows, "calls": self.calls})
+        if self.partial is not None:
+            atomic_write_json(self.partial, {"stages": self.rows, "calls": self.calls})
 
     def run(self, name: str, fn, **extra):
         if self.device.type == "cuda":
@@ -59,6 +83,7 @@ class Stages:
             row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.rows.append(row)
         print(row, flush=True)
+        self.save()
         return out
 
 
@@ -70,11 +95,28 @@ def mixed_precision_stages(st: Stages, model, qcfg, calib: Path, args, device: t
     from toolchain.alloc.errors import error_table
     from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
 
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the bare GPU machine: the allocation's figures are not drawn there (the table is)
+        import toolchain.alloc.allocate as A
+
+        A.plot_bits = A.plot_sensitivity = lambda *a, **k: None
+        print("matplotlib is not installed: allocation plots skipped", flush=True)
     ck = args.work / "calibrated"
-    st.run("save calibrated checkpoint (sweep input)", lambda: save_quantized(model, qcfg, ck, {"benchmark": "quantface_recipe_timing"}))
     settings = SweepSettings(metric=args.sweep_metric, images=args.sweep_images)
-    sens = st.run(f"sensitivity sweep ({args.sweep_images} images, {args.sweep_metric})",
-                  lambda: run_sensitivity(ck, calib, args.work / "alloc", settings, device=str(device)))
+    sweep_name = f"sensitivity sweep ({args.sweep_images} images, {args.sweep_metric})"
+    cache = args.work / "alloc" / "sensitivity"
+    # time of earlier, cut-off calls of the sweep: from their start to their last cached layer
+    earlier = json.loads((args.work / "sweep_calls.json").read_text()) if (args.work / "sweep_calls.json").is_file() else []
+    spent = 0.0
+    for call in earlier:
+        stamps = [f.stat().st_mtime for f in cache.glob("*.json") if f.name != "_settings.json" and f.stat().st_mtime >= call["start"]]
+        spent += max(stamps, default=call["start"]) - call["start"]
+    atomic_write_json(args.work / "sweep_calls.json", earlier + [{"start": time.time()}])
+    sens = st.run(sweep_name, lambda: run_sensitivity(ck, calib, args.work / "alloc", settings, device=str(device)),
+                  calls=len(earlier) + 1)
+    st.rows[-1]["seconds"] = round(st.rows[-1]["seconds"] + spent, 2)
+    st.save()
     errors = st.run(f"error table ({args.error_images} images, bits 3-6)",
                     lambda: error_table(ck, calib, [3, 4, 5, 6], images=args.error_images, device=str(device)))
     table = st.run(f"integer program (budget A{args.budget_bits})",
@@ -112,26 +154,50 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantface_timing"))
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls/convolutions on CUDA (float32 stages: sweep, error table)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     cfg = preset(args.preset)
-    st = Stages(device)
-    model = st.run("build model (random init)", lambda: build_model(cfg, seed=0).to(device))
-    params = sum(p.numel() for p in model.parameters())
+    args.work.mkdir(parents=True, exist_ok=True)
+    st = Stages(device, args.work / "stages.json", args.out / "partial.json")
+    args.out.mkdir(parents=True, exist_ok=True)
     calib = build_calibration_set([BUNDLED_FACES], args.work / "calib", n=args.images, size=cfg.image_size, seed=0, progress=False)
     batches = CalibrationSet.open(calib).batches(cfg.image_size, args.batch_size)
-    ctx = MethodContext(lq_batches=batches, workdir=None, device=device, seed=0)
     qcfg = QuantConfig.for_bits("quantface", args.bits)
-    layers = st.run("wrap layers", lambda: prepare_model(model, qcfg))
-    bal = st.run("channel statistics + rotation-scaling balancing", lambda: balance_model(model, ctx, BalanceConfig()))
-    st.run("SVD branch init (rank %d) + LoRA branch" % args.rank, lambda: attach_branches(model, args.rank, args.rank, 0))
-    st.run("weight calibration", lambda: calibrate_weights(model))
-    st.run("activation calibration", lambda: calibrate_activations(model, batches))
+    ck = args.work / "calibrated"
+    calibrated = "save calibrated checkpoint"
+    if st.done(calibrated) and (ck / "quant_config.json").is_file():
+        from toolchain.quant.checkpoint import load_quantized
+
+        print(f"resuming (call {st.calls}): the calibrated model is loaded from {ck}", flush=True)
+        st.rows = st.rows[: next(i for i, r in enumerate(st.rows) if r["stage"] == calibrated) + 1]  # later stages re-run
+        model, _ = load_quantized(ck, device)
+        layers = [n for n, d in json.loads((ck / "quant_config.json").read_text())["layers"].items()]
+        bal = json.loads((args.work / "balance.json").read_text())
+    else:
+        st.rows, st.calls = [], 1  # the stages before the checkpoint are re-run together
+        (args.work / "sweep_calls.json").unlink(missing_ok=True)
+        model = st.run("build model (random init)", lambda: build_model(cfg, seed=0).to(device))
+        ctx = MethodContext(lq_batches=batches, workdir=None, device=device, seed=0)
+        layers = st.run("wrap layers", lambda: prepare_model(model, qcfg))
+        bal = st.run("channel statistics + rotation-scaling balancing", lambda: balance_model(model, ctx, BalanceConfig()))
+        atomic_write_json(args.work / "balance.json", {"online": bal.get("online")})
+        st.run("SVD branch init (rank %d) + LoRA branch" % args.rank, lambda: attach_branches(model, args.rank, args.rank, 0))
+        st.run("weight calibration", lambda: calibrate_weights(model))
+        st.run("activation calibration", lambda: calibrate_activations(model, batches))
+        st.run(calibrated, lambda: save_quantized(model, qcfg, ck, {"benchmark": "quantface_recipe_timing"}))
+    params = sum(p.numel() for p in model.parameters())
     mp_summary = None
     if args.mp:
         mp_summary = mixed_precision_stages(st, model, qcfg, calib, args, device)
     if args.epochs is not None:
         args.steps = max(1, round(args.epochs * len(batches)))
+    import shutil
+
+    shutil.rmtree(args.work / "qdlora", ignore_errors=True)  # a cut-off distillation is re-run whole (timed whole)
     res = st.run(f"QD-LoRA distillation ({args.steps} steps = {args.steps * args.batch_size / max(1, args.images):.2f} epochs, batch {args.batch_size})",
                  lambda: train_branches(model, batches, args.work / "qdlora", args.steps, 1e-5, 0, device,
                                         w_perceptual=0.0 if args.mse_only else 0.5, w_mse=1.0 if args.mse_only else 0.5),
@@ -144,6 +210,7 @@ def main() -> None:
     summary = {
         "command": command_line(), "environment": environment(), "preset": args.preset, "params_M": round(params / 1e6, 1),
         "image_size": cfg.image_size, "quantized_layers": len(layers), "bits": args.bits, "calibration_images": args.images,
+        "calls": st.calls, "tf32": bool(args.tf32 and device.type == "cuda"),
         "stages": st.rows, "online_transforms": bal.get("online"), "qdlora_loss_first_last": [res.get("loss_first_10pct"), res.get("loss_last_10pct")],
         "extrapolated": {"seconds_per_training_image": round(per_img, 3),
                          "hours_for_512_image_epoch": round(per_img * 512 / 3600, 3)},
