@@ -39,7 +39,10 @@ def main() -> None:
     from benchmarks.common import command_line, environment
     from calibration import BUNDLED_FACES
     from calibration.dataset import CalibrationSet, build_calibration_set
-    from export.onnx_backend import compare, default_calib_inputs, export_onnx, ort_session
+    from export.onnx_backend import export_onnx
+    from export.qdq.output_grids import default_calib_inputs
+    from export.qdq.runtime import ort_session
+    from export.validate import compare
     from toolchain.defaults import DEFAULT_MODEL
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
     from toolchain.methods.registry import MethodContext

@@ -33,7 +33,7 @@ from benchmarks.common import command_line, environment  # noqa: E402
 from calibration import BUNDLED_FACES  # noqa: E402
 from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
 from export.parts import part_inputs  # noqa: E402
-from export.tflite_backend import export_tflite  # noqa: E402
+from export.tflite_backend import export_tflite, validate_tflite  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.methods.registry import MethodContext  # noqa: E402
@@ -167,8 +167,9 @@ def main() -> None:
             samples = part_inputs(model, part, batches)
             path = args.work / f"{row_stem(part, label)}.tflite"
             t1 = time.perf_counter()
-            rep = export_tflite(model, path, part=part, calib_inputs=samples if bits else None,
-                                validate_inputs=samples[: args.validate_images] if bits else None, weight_container=container)
+            rep = export_tflite(model, path, part=part, calib_inputs=samples if bits else None, weight_container=container)
+            if bits:
+                rep["validation"] = validate_tflite(path, model, part, samples[: args.validate_images])
             export_s = time.perf_counter() - t1
             prof = profile_in_fresh_process(path, args.threads, args.runs, args.warmup)
             row = {"part": part, "variant": label, "bits": bits, "weight_container": container, "bytes": path.stat().st_size,

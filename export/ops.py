@@ -93,13 +93,19 @@ class BiasDQ(torch.autograd.Function):
 
 
 class Fp16Weight(torch.autograd.Function):
+    """A float16 weight used in float32. Traced as a placeholder ``quantface::Float16Weight`` node, which the
+    exporter's constant folding leaves alone (a plain Cast of an initializer would be folded into a float32
+    constant, doubling the file); export/qdq/graph.py ``finalize`` turns it into ``Cast(to=FLOAT)``."""
+
     @staticmethod
     def forward(ctx, w16):
         return w16.float()
 
     @staticmethod
     def symbolic(g, w16):
-        return g.op("Cast", w16, to_i=1)  # TensorProto.FLOAT
+        out = g.op("quantface::Float16Weight", w16)
+        out.setType(w16.type().with_dtype(torch.float32))
+        return out
 
 
 class Hadamard(torch.autograd.Function):

@@ -11,14 +11,13 @@ anything it cannot represent raises ExportError naming the layer.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.description import ActInfo, ExportDescription, LayerSpec
 from export.ops import ActQDQ, BiasDQ, Fp16Weight, Hadamard, WeightDQ
 from toolchain.balance.hadamard import _block, factorize, sylvester
 from toolchain.balance.transform import OnlineBalance
@@ -26,19 +25,6 @@ from toolchain.errors import ExportError
 from toolchain.quant.calibrate import quant_layers, set_submodule
 from toolchain.quant.layers import QuantConv2d
 from toolchain.topology import topology_of
-
-
-@dataclass
-class ActInfo:
-    bits: int
-    symmetric: bool
-    scale: float
-    zero_point: int
-    container: str  # ONNX container: uint8 | uint16 (symmetric grids shifted by container_offset)
-    container_offset: int
-    clamp: bool
-    lo: float
-    hi: float
 
 
 def container_for(bits: int, symmetric: bool) -> tuple[str, torch.dtype, int, int, int]:
@@ -313,18 +299,16 @@ class ExportQuantLayer(nn.Module):
         self.multiplier = None
         self.shift = None
 
-    def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": "conv2d" if self.is_conv else "linear", "w_bits": self.w_bits, "transform": self.has_transform,
-                             "rotate": self.rotate, "branch_rank": getattr(self, "branch_rank", 0)}
+    def describe(self) -> LayerSpec:
+        """This layer's entry in the export description."""
+        spec = LayerSpec(self.name, "conv2d" if self.is_conv else "linear", self.w_bits, self.has_transform, self.rotate,
+                         getattr(self, "branch_rank", 0), act=copy.copy(self.act) if self.act is not None else None)
         if self.flavour in ("qdq", "ort"):
-            d["qdq_form"] = self.flavour if self.flavour == "ort" else "exact"
-            d["weight_container"] = (str(self.weight_int.dtype).split(".")[-1] if self.flavour == "ort"
+            spec.qdq_form = self.flavour if self.flavour == "ort" else "exact"
+            spec.weight_container = (str(self.weight_int.dtype).split(".")[-1] if self.flavour == "ort"
                                      else "int4" if self.w_bits <= 4 else "uint8") if self.w_bits else None
-            if self.ort_fallback:
-                d["ort_fallback"] = self.ort_fallback
-        if self.act is not None:
-            d["act"] = self.act.__dict__.copy()
-        return d
+            spec.ort_fallback = self.ort_fallback
+        return spec
 
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
@@ -472,30 +456,80 @@ def fold_transforms_into_producers(module: nn.Module) -> dict[str, str]:
     return folded
 
 
-def export_module(model: nn.Module, flavour: str = "qdq", int8_weights: bool = False) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """A deep copy of ``model`` with every quantized layer replaced and the constant time path (and, for a
-    constant-prompt model, the cross-attention k/v) folded; returns (module, layer info).
+class Float16Weight(nn.Module):
+    """A float (not quantized) conv/linear whose weight is stored as float16 and cast to float32 at run time
+    (ONNX: a float16 initializer → Cast); the bias stays float32. Computes ``layer`` with its weight
+    rounded to float16 (round to nearest even), nothing else."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear):
+        super().__init__()
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        if self.is_conv:
+            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        self.register_buffer("weight16", layer.weight.detach().to(torch.float16))
+        self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = Fp16Weight.apply(self.weight16)
+        return F.conv2d(x, w, self.bias, **self.conv_args) if self.is_conv else F.linear(x, w, self.bias)
+
+
+def float_layers(module: nn.Module) -> list[str]:
+    """Names of the plain nn.Conv2d (zero padding) / nn.Linear layers of ``module`` outside its quantized
+    (ExportQuantLayer) layers: the weights an export keeps in float."""
+    inside = [n for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)]
+    return [n for n, m in module.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(n.startswith(q + ".") for q in inside)
+            and getattr(m, "padding_mode", "zeros") == "zeros"]
+
+
+def store_float_weights_fp16(module: nn.Module) -> list[str]:
+    """Replace every float layer (``float_layers``) of an export-ready ``module`` by Float16Weight, in place;
+    returns their names."""
+    names = float_layers(module)
+    for name in names:
+        set_submodule(module, name, Float16Weight(module.get_submodule(name)))
+    return names
+
+
+@torch.no_grad()
+def with_float16_weights(model: nn.Module, names: list[str]) -> nn.Module:
+    """A deep copy of ``model`` with the weights of the layers ``names`` rounded to float16 and back: the PyTorch
+    reference an export with float16 float weights is compared with."""
+    ref = copy.deepcopy(model)
+    for name in names:
+        w = ref.get_submodule(name).weight
+        w.copy_(w.to(torch.float16).float())
+    return ref
+
+
+def export_module(model: nn.Module, flavour: str = "qdq", int8_weights: bool = False) -> ExportDescription:
+    """The shared folding step: a deep copy of ``model`` (float32, CPU, eval, no gradients) with every
+    quantized layer replaced by an ExportQuantLayer of ``flavour`` (``qdq`` | ``ort`` | ``float``), the
+    constant time path (and, for a constant-prompt model, the cross-attention k/v) folded; returns the
+    ExportDescription (module + one LayerSpec per quantized layer). ``model`` is not modified.
 
     ``int8_weights`` (``ort`` flavour only): 8-bit weights in int8 with zero point 0 instead of uint8 + 128
     (the ``ort-s8`` QDQ format; see ExportQuantLayer._init_weight).
 
     The float flavour (TFLite) also folds online input transforms into linear producers
     (``fold_transforms_into_producers``); the QDQ flavours keep them, so each ONNX layer stays comparable
-    with its PyTorch layer on its own."""
+    with its PyTorch layer on its own. Raises ExportError naming the layer for anything no target can
+    represent."""
     module = copy.deepcopy(model).cpu().float().eval()
-    info: dict[str, dict[str, Any]] = {}
+    desc = ExportDescription(module, flavour)
     for name, layer in list(quant_layers(module)):
         layer_export = ExportQuantLayer(name, layer, flavour, int8_weights=int8_weights)
         set_submodule(module, name, layer_export)
-        info[name] = layer_export.describe()
+        desc.layers[name] = layer_export.describe()
     if flavour == "float":
         for consumer, producer in fold_transforms_into_producers(module).items():
-            info[consumer]["transform"] = False
-            info[consumer]["transform_folded_into"] = producer
+            desc.layers[consumer].transform = False
+            desc.layers[consumer].transform_folded_into = producer
     fold_time_path(module)
     fold_prompt = getattr(module, "fold_constant_prompt", None)  # models with a constant prompt (osediff)
     if fold_prompt is not None:
         fold_prompt()
     for p in module.parameters():
         p.requires_grad_(False)
-    return module, info
+    return desc

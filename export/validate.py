@@ -5,32 +5,47 @@ across a rounding boundary changes it by a whole quantization step, and in a dee
 flips multiply (each one perturbs the next layer's inputs enough to flip more). Two correct
 implementations with different float accumulation orders (ORT's MLAS vs PyTorch's kernels)
 therefore agree exactly until the first flip and then diverge towards the quantization-noise
-level. ``validate`` reports, per image, ORT vs PyTorch together with the *float-noise floor* —
+level. ``validate_runs`` reports, per image, the runtime vs PyTorch together with the *float-noise floor* —
 PyTorch against itself with 1e-7 relative noise on every conv/linear output — so a mismatch can
-be told apart from an export bug; ``layer_parity`` checks every quantized layer on its real
+be told apart from an export bug; ``export.qdq.layer_parity`` checks every quantized layer on its real
 input (teacher-forced), where an export bug cannot hide.
 
-Both run the graph twice: in a *default* ONNX Runtime session (what a user's
-``InferenceSession(path)`` does, every graph optimisation and fused integer kernel on) and with
-every optimisation off (the ONNX reference semantics), and name the CPU's ISA, because ORT picks
-its integer kernels by CPU (export/ops.py).
+One routine serves both targets: each target hands ``validate_runs`` its ways of running the
+exported file (ONNX: a *default* ONNX Runtime session — what a user's ``InferenceSession(path)``
+does — and one with every graph optimisation off, the ONNX reference semantics; TFLite: LiteRT's
+default interpreter with XNNPACK and its built-in kernels alone); every run is compared with the
+fake-quant model and with full precision on the same inputs, beside the float-noise floor, and the
+CPU's ISA is named, because runtimes pick integer kernels by CPU (export/ops.py).
 """
 
 from __future__ import annotations
 
-import io
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_backend import compare, ort_session
 from export.parts import part_module
-from export.prepare import ExportQuantLayer, export_module
 from toolchain.profile.cpu import cpu_isa
 
-SESSIONS = {"default": True, "no_optimizations": False}  # name → ORT graph optimisations on
+Runner = Callable[[tuple[torch.Tensor, ...]], np.ndarray]
+
+NOTE = ("Exported graph vs the PyTorch fake-quant model. At <= 4-bit activations one float ULP (runtimes and PyTorch sum "
+        "convolutions in different orders) that crosses a rounding boundary moves a value a whole step and the flips cascade, "
+        "so vs_fake_quant can be low (~20 dB) for a correct export; float_noise_floor shows PyTorch against itself under 1e-7 "
+        "relative noise. Whether an ONNX export is exact is checked layer by layer (export.qdq.layer_parity); whether it is as "
+        "good is vs_fp here and vs HQ in toolchain eval.")
+
+
+def compare(a: np.ndarray, b: np.ndarray, image: bool) -> dict[str, float]:
+    """max/mean |a − b|, and for images in [-1, 1] the PSNR in dB on the [0, 1] scale (inf when equal)."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    res = {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean())}
+    if image:
+        mse = float(((diff / 2.0) ** 2).mean())
+        res["psnr_db"] = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+    return res
 
 
 def perturbed_reference(model: nn.Module, part: str, inputs: tuple[torch.Tensor, ...], rel: float = 1e-7, seed: int = 0) -> np.ndarray:
@@ -47,95 +62,57 @@ def perturbed_reference(model: nn.Module, part: str, inputs: tuple[torch.Tensor,
             h.remove()
 
 
-def _image_summary(rows: list[dict[str, Any]], image: bool) -> dict[str, Any]:
-    summary: dict[str, Any] = {"images": len(rows), "per_image": rows, "max_abs_error": max(r["max_abs_error"] for r in rows)}
+def _stats(values: list[float], image: bool) -> dict[str, float]:
+    """PSNR (dB, capped at 150 for identical outputs): worst = min; max abs error: worst = max."""
     if image:
-        finite = [min(r["psnr_db"], 150.0) for r in rows]
-        summary.update({"psnr_db_min": min(finite), "psnr_db_median": float(np.median(finite))})
-    return summary
+        v = [min(x, 150.0) for x in values]
+        return {"min": min(v), "median": float(np.median(v))}
+    return {"max": max(values), "median": float(np.median(values))}
 
 
-def validate(onnx_path: str, model: nn.Module, part: str, batches: list[tuple[torch.Tensor, ...]], threads: int | None = None) -> dict[str, Any]:
-    """ORT vs PyTorch (fake-quant or float) on each input tuple, in a default session and with all
-    graph optimisations off.
+def validate_runs(runs: dict[str, Runner], model: nn.Module, part: str, batches: list[tuple[torch.Tensor, ...]], target: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each way of running an exported file vs the PyTorch model it came from, on every input tuple.
 
-    Args: onnx_path: an exported ``.onnx``; model: the PyTorch model it came from; part: as in
-    export/parts.py; batches: input tuples of float32 tensors in the part's layout (images in
-    [-1, 1]). Returns the default session's figures at the top level (``max_abs_error``, and for
-    image outputs ``psnr_db_min`` / ``psnr_db_median`` in dB on the [0, 1] scale), the same under
-    ``sessions.no_optimizations``, the float-noise floor per image, ``cpu`` (cpu_isa()) and
-    ``ort_threads``. ORT's float conv sums depend on its thread count, so at ≤ 4-bit activations the
-    end-to-end figure can differ between thread counts by a cascade of rounding flips (the per-layer
-    check cannot); pass ``threads`` to make a figure reproducible.
-    """
-    sessions = {name: ort_session(onnx_path, threads, optimize=opt) for name, opt in SESSIONS.items()}
-    names = [i.name for i in sessions["default"].get_inputs()]
+    Args: runs: name → function(input tuple) → first output as a numpy array (the first run is the one a
+    user gets by default); model: the fake-quant (or float) PyTorch model; part: as in export/parts.py;
+    batches: input tuples of float32 tensors in the part's layout (images in [-1, 1]); target: ``onnx`` |
+    ``tflite``. Returns ``metric`` (``psnr_db`` in dB on the [0, 1] scale for image outputs — ``full``,
+    ``vae_decoder`` — else ``max_abs_error``), per run ``runs[name].vs_fake_quant`` / ``vs_fp`` (worst and
+    median over the images), ``fake_quant_vs_fp`` (what quantization itself costs), ``float_noise_floor``,
+    the default run's medians at the top level (``median_vs_fake_quant``, ``median_vs_fp``,
+    ``median_fake_quant_vs_fp``), for images ``psnr_db_min`` / ``psnr_db_median`` (default run vs fake
+    quant), ``max_abs_error``, ``per_image`` rows and ``cpu`` (cpu_isa()). Raises ValueError with no inputs."""
+    from toolchain.quant.calibrate import quantizers_off
+
+    if not batches:
+        raise ValueError("validation needs at least one input")
     image = part in ("full", "vae_decoder")
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in sessions}
-    floors = []
+    key = "psnr_db" if image else "max_abs_error"
+    rows = []
     for inputs in batches:
         wrapped, _, _, _ = part_module(model, part)
         with torch.no_grad():
-            ref = wrapped(*inputs).numpy()
-        feeds = {n: t.numpy() for n, t in zip(names, inputs)}
-        for name, sess in sessions.items():
-            rows[name].append(compare(sess.run(None, feeds)[0], ref, image))
-        floors.append(compare(perturbed_reference(model, part, inputs), ref, image))
-    for row, floor in zip(rows["default"], floors):
-        row["float_noise_floor"] = floor
-    summary = _image_summary(rows["default"], image)
+            fq = wrapped(*inputs).numpy()
+            with quantizers_off(model):
+                fp = wrapped(*inputs).numpy()
+        row: dict[str, Any] = {"fake_quant_vs_fp": compare(fq, fp, image), "float_noise_floor": compare(perturbed_reference(model, part, inputs), fq, image)}
+        for name, run in runs.items():
+            out = run(inputs)
+            row[name] = {"vs_fake_quant": compare(out, fq, image), "vs_fp": compare(out, fp, image)}
+        rows.append(row)
+    default = next(iter(runs))
+    per_run = {name: {ref: _stats([r[name][ref][key] for r in rows], image) for ref in ("vs_fake_quant", "vs_fp")} for name in runs}
+    summary: dict[str, Any] = {
+        "target": target, "images": len(rows), "metric": key, "default_run": default, "runs": per_run,
+        "fake_quant_vs_fp": _stats([r["fake_quant_vs_fp"][key] for r in rows], image),
+        "float_noise_floor": _stats([r["float_noise_floor"][key] for r in rows], image),
+        "median_vs_fake_quant": per_run[default]["vs_fake_quant"]["median"], "median_vs_fp": per_run[default]["vs_fp"]["median"],
+        "max_abs_error": max(r[default]["vs_fake_quant"]["max_abs_error"] for r in rows),
+        "cpu": cpu_isa(), "note": NOTE, "per_image": rows, **(extra or {}),
+    }
+    summary["median_fake_quant_vs_fp"] = summary["fake_quant_vs_fp"]["median"]
     if image:
-        floor = float(np.median([min(f["psnr_db"], 150.0) for f in floors]))
-        summary["float_noise_floor_psnr_db_median"] = floor
-        # a low PSNR at low bits is usually rounding flips, not an export bug: say so where the figure is read
-        summary["note"] = ("ORT vs the PyTorch fake-quant model. At <= 4-bit activations one float ULP (ORT and PyTorch sum "
-                           "convolutions in different orders) that crosses a rounding boundary moves a value a whole step and the "
-                           "flips cascade, so this figure can be low (~20 dB) for a correct export; float_noise_floor shows PyTorch "
-                           "against itself under 1e-7 relative noise. Whether the export is exact is checked layer by layer "
-                           "(export.validate.layer_parity); whether it is as good is checked against HQ (toolchain eval).")
-    summary["sessions"] = {name: {k: v for k, v in _image_summary(r, image).items() if k != "per_image"} for name, r in rows.items()}
-    summary["cpu"] = cpu_isa()
-    summary["ort_threads"] = threads or sessions["default"].get_session_options().intra_op_num_threads or "ORT default (physical cores)"
+        summary["psnr_db_min"] = per_run[default]["vs_fake_quant"]["min"]
+        summary["psnr_db_median"] = per_run[default]["vs_fake_quant"]["median"]
     return summary
-
-
-def layer_models(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str = "full", opset: int = 21
-                 ) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
-    """Every exported quantized layer as its own ONNX model, with the input PyTorch gave it in a
-    forward of ``part`` on ``inputs`` and the output PyTorch computed: layer → (model bytes, x, y)."""
-    import onnx
-
-    from export.onnx_backend import finalize
-
-    module, info = export_module(model)
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=n: captured.__setitem__(name, (i[0].detach(), o.detach())))
-             for n, m in module.named_modules() if isinstance(m, ExportQuantLayer)]
-    wrapped, _, _, _ = part_module(module, part)
-    with torch.no_grad():
-        wrapped(*inputs)
-    for h in hooks:
-        h.remove()
-    out: dict[str, tuple[bytes, np.ndarray, np.ndarray]] = {}
-    for name, (x, y) in captured.items():
-        buf = io.BytesIO()
-        torch.onnx.export(module.get_submodule(name), (x,), buf, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"])
-        proto = onnx.load_from_string(buf.getvalue())
-        finalize(proto, {"": info[name]})  # the same INT4 / UINT16 / function steps as the whole-model export
-        out[name] = (proto.SerializeToString(), x.numpy(), y.numpy())
-    return out
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """max |out − ref| / max |ref| (0 when both are zero)."""
-    return float(np.abs(out - ref).max() / max(1e-12, float(np.abs(ref).max())))
-
-
-def layer_parity(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str = "full", opset: int = 21,
-                 sessions: tuple[str, ...] = ("default", "no_optimizations")) -> dict[str, float]:
-    """Teacher-forced: every exported quantized layer run in ORT on the input PyTorch gave it;
-    returns layer → the worst over ``sessions`` of max |ORT − PyTorch| / max |PyTorch|."""
-    errors: dict[str, float] = {}
-    for name, (proto, x, y) in layer_models(model, inputs, part, opset).items():
-        errors[name] = max(relative_error(ort_session(proto, optimize=SESSIONS[s]).run(None, {"x": x})[0], y) for s in sessions)
-    return errors

@@ -17,9 +17,11 @@ from torch import nn
 
 from conftest import tiny_batches
 from export.hadamard_onnx import DOMAIN, function_protos
-from export.onnx_backend import compare, export_onnx, ort_session
+from export.onnx_backend import export_onnx, validate_onnx
 from export.parts import part_module
-from export.validate import layer_models, layer_parity, relative_error, validate
+from export.qdq.layer_parity import layer_models, layer_parity, relative_error
+from export.qdq.runtime import ort_session
+from export.validate import compare
 from toolchain.balance.hadamard import hadamard_matrix
 from toolchain.errors import ExportError
 from toolchain.methods import MethodContext
@@ -79,11 +81,13 @@ def test_w4a4_export_matches_fake_quant_end_to_end(tiny_model_path, tmp_path):
     # ULP that crosses a rounding boundary moves a value a whole step and the flips cascade (17.3 dB at 1
     # thread, 16.8 dB at 4, 148 dB at 2 on this input) — the "flaky" W4A4 figure was the machine's default
     # thread count, not the graph: every layer is exact on its own input at 1, 2 and 4 threads.
-    v = validate(rep["path"], model, "full", [(b[:1],) for b in tiny_batches(3, seed=11)], threads=2)
+    v = validate_onnx(rep["path"], model, "full", [(b[:1],) for b in tiny_batches(3, seed=11)], threads=2)
     assert v["ort_threads"] == 2
     # every QDQ op of a 4-bit design is exact in float, so both sessions match fake quant to float noise
-    assert v["psnr_db_min"] >= 45.0 and v["sessions"]["no_optimizations"]["psnr_db_min"] >= 45.0
-    assert v["sessions"]["default"]["psnr_db_min"] == v["psnr_db_min"]
+    assert v["psnr_db_min"] >= 45.0 and v["runs"]["no_optimizations"]["vs_fake_quant"]["min"] >= 45.0
+    assert v["runs"]["default"]["vs_fake_quant"]["min"] == v["psnr_db_min"] and v["default_run"] == "default"
+    # the shared validation also reports the distance to full precision: the export is no further from FP than fake quant
+    assert abs(v["median_vs_fp"] - v["median_fake_quant_vs_fp"]) <= 1.0
     assert v["cpu"]["machine"] and isinstance(v["cpu"]["features"], list)
     inits = {i.name: i for i in onnx.load(rep["path"]).graph.initializer}
     int4 = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT4]
@@ -270,5 +274,32 @@ def test_cli_validate_prints_one_json_document(tiny_model_path, calib_dir, tmp_p
                  "--calib", str(calib_dir), "--images", "2"]) == 0
     doc = json.loads(capfd.readouterr().out)  # raises on two documents
     v = doc["validation"]
-    assert set(v["sessions"]) == {"default", "no_optimizations"} and v["cpu"]["features"] is not None
+    assert set(v["runs"]) == {"default", "no_optimizations"} and v["cpu"]["features"] is not None and v["target"] == "onnx"
     assert "layer_parity" in v["note"] and v["psnr_db_min"] > 100  # a float graph: ORT = PyTorch to float noise
+
+
+def test_float_layers_stored_as_float16_in_quantized_exports(tiny_model_path, tmp_path):
+    """--float-weights auto: the float (not quantized) conv/linear weights of a quantized export — the embedder —
+    are float16 initializers equal to the PyTorch weights rounded to float16, the file shrinks by half of their
+    bytes, validation compares with the alike-rounded model (still exact), and a float model keeps float32."""
+    import onnx
+
+    from export.prepare import export_module, float_layers
+
+    model = _quantized(tiny_model_path, "minmax", "w4a4")
+    names = float_layers(export_module(model).module)
+    assert names and all(n.startswith("embedder.") for n in names)
+    rep16 = export_onnx(model, tmp_path / "q16.onnx")
+    rep32 = export_onnx(model, tmp_path / "q32.onnx", float_weights="fp32")
+    assert rep16["float_weights"] == "fp16" and rep16["float16_layers"] == len(names) and rep32["float16_layers"] == 0
+    f16 = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(rep16["path"]).graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert len(f16) == len(names)
+    for n in names:
+        key = next(k for k in f16 if k.endswith("." + n + ".weight16"))
+        assert np.array_equal(f16[key], model.get_submodule(n).weight.detach().numpy().astype(np.float16))
+    saved = rep32["bytes"] - rep16["bytes"]
+    expected = sum(model.get_submodule(n).weight.numel() * 2 for n in names)
+    assert abs(saved - expected) <= 0.02 * expected + 16384, (saved, expected)  # + one Cast node per layer
+    v = validate_onnx(rep16["path"], model, "full", [(b[:1],) for b in tiny_batches(3, seed=11)], threads=2)  # inputs without W4A4 rounding-flip cascades (see above)
+    assert v["float16_layers"] == len(names) and "float16" in v["reference"] and v["psnr_db_min"] >= 45.0
+    assert export_onnx(load_model(tiny_model_path), tmp_path / "fp.onnx")["float_weights"] == "fp32"

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_batches
-from export.onnx_backend import FUSED_OPS, compare, default_calib_inputs, export_onnx, ort_fused_nodes, ort_session
+from export.onnx_backend import export_onnx
+from export.qdq.output_grids import default_calib_inputs
+from export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
+from export.validate import compare
 from toolchain.errors import ExportError
 from toolchain.methods import MethodContext
 from toolchain.models import load_model

@@ -49,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(ranges from --calib, else the bundled faces) that the fake-quant model does not have; layers without "
                         "an 8-bit input grid keep the exact form (report: ort_fallback_layers); ort-s8 = ort with 8-bit "
                         "weights in int8 too (for NPU EPs, ARM and VNNI CPUs: faster there, wrong on x86 CPUs without VNNI)")
+    p.add_argument("--precision", choices=("int", "fp16"), default="int",
+                   help="TFLite: int (default) = integer ops with the checkpoint's grids (float32 for a float model); fp16 = "
+                        "float16 weights and float activations for LiteRT's GPU delegate (a checkpoint keeps its designed "
+                        "weight grid, its activations are not quantized); the report gives the drift from float32 (fp16_vs_fp32)")
+    p.add_argument("--float-weights", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="ONNX: storage of the conv/linear weights that stay float (the embedder of a QuantFace checkpoint): "
+                        "auto (default) = float16 in a quantized export, float32 in a float model's export")
     p.add_argument("--weight-container", choices=("auto", "int8"), default="auto",
                    help="TFLite: auto = int4 storage for <=4-bit weights (smallest file); int8 = same integers in int8 "
                         "(runs on XNNPACK's fast int8 path; int4 convs fall back to slower kernels)")
@@ -107,10 +114,14 @@ def _run_locked(args: argparse.Namespace) -> int:
     from toolchain.io.atomic import atomic_file_group, atomic_write_json
     from toolchain.io.streams import stdout_to_stderr
 
-    if args.qdq_format is not None and args.target != "onnx":
-        raise ConfigError("--qdq-format applies to --target onnx only")
     if args.validate and args.calib is None:
         raise ConfigError("--validate needs --calib (a calibration set to run)")
+    from export.backend import ExportOptions, get_backend
+
+    options = ExportOptions(part=args.part, dynamic=args.dynamic, qdq_format=args.qdq_format, weight_container=args.weight_container,
+                            precision=args.precision, float_weights=args.float_weights, mp_table=args.mp_table)
+    options.check(args.target)  # options the target does not take are refused before the model loads
+    backend = get_backend(args.target)
     model, meta = load_for_export(args)
     if args.calib is not None:  # a set of the other task (SR pairs for a face model, or the reverse) is refused
         from calibration.dataset import CalibrationSet
@@ -120,29 +131,17 @@ def _run_locked(args: argparse.Namespace) -> int:
     print(f"exporting {args.checkpoint or args.model} ({args.part}) to {args.target.upper()} -> {out} …", file=sys.stderr, flush=True)
     with atomic_file_group(out.parent, out.stem, stale=group_names(out)) as staging, stdout_to_stderr():
         staged = staging / out.name
-        if args.target == "onnx":
-            from export.onnx_backend import export_onnx
-
-            fmt = args.qdq_format or "exact"
-            samples = validation_inputs(model, args.part, args.calib, args.images) if fmt.startswith("ort") and args.calib is not None else None
-            report = export_onnx(model, staged, part=args.part, dynamic=args.dynamic, qdq_format=fmt, calib_inputs=samples)
-            if args.validate:
-                from export.validate import validate
-
-                report["validation"] = validate(str(staged), model, args.part, validation_inputs(model, args.part, args.calib, args.images))
-        else:
-            from export.tflite_backend import export_tflite
-
-            samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
-            report = export_tflite(model, staged, part=args.part, meta=meta, mp_table=args.mp_table,
-                                   validate_inputs=samples if args.validate else None, calib_inputs=samples,
-                                   weight_container=args.weight_container)
+        samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
+        options.calib_inputs, options.meta = samples, meta  # op output ranges (TFLite, ONNX ort); else the bundled faces (ort)
+        report = backend.export(model, staged, options)
+        if args.validate:
+            report["validation"] = backend.validate(staged, model, options, samples)
         report = _unstage(report, str(staging), str(out.parent))
         report["source"] = str(args.checkpoint or args.model)
         atomic_write_json(staging / (out.name + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
                                       "scale_mismatches", "weight_grid_mismatches", "spatial_multiple",
-                                      "qdq_format", "ort_layers", "ort_fused_nodes") if k in report}
+                                      "qdq_format", "ort_layers", "ort_fused_nodes", "precision", "fp16_vs_fp32") if k in report}
     if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
         summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
     print(json.dumps(summary))
