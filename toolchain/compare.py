@@ -5,6 +5,12 @@ A spec (JSON) lists runs: ``{"label", "method", "params", "bits": [...], "mp": {
 interrupted comparison resumes), restored on the held-out set and scored against HQ and against
 the float model. ``mp`` runs first quantize uniformly, allocate activation bits under the
 uniform-A budget of the same bits, and re-quantize with the table (QuantFace-MP).
+
+Besides PSNR/SSIM/ST-LPIPS/FD-STLPIPS every row carries the face metrics of ``toolchain eval``
+(``identity_deg``, ``lmd`` vs HQ and vs FP; ``niqe`` of the output) where they can run. Where one
+cannot, the row says why instead of a number: the whole table when its packages are missing or the
+images are below NIQE's 96 px (``skipped_metrics``), one comparison when dlib's detector finds no
+face in any of its reference images (``vs_hq``/``vs_fp`` → ``missing``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 
 from calibration.dataset import CalibrationSet
 from toolchain.eval.accounting import count
-from toolchain.eval.evaluate import load_eval_set, restore_set, score
+from toolchain.eval.evaluate import load_eval_set, resolve_metrics, restore_set, score
 from toolchain.eval.grid import save_grid
 from toolchain.io.atomic import atomic_write_json, atomic_write_text
 from toolchain.io.resume import prepare_workdir
@@ -31,7 +37,48 @@ from toolchain.quant.api import quantize_
 from toolchain.quant.checkpoint import load_quantized, save_quantized
 from toolchain.quant.config import QuantConfig
 
-METRICS = ["psnr", "ssim", "st_lpips", "fd_stlpips"]
+METRICS = ["psnr", "ssim", "st_lpips", "fd_stlpips"]  # always scored
+FACE_METRICS = ["identity_deg", "lmd", "niqe"]  # scored where they can run, else reported missing with the reason
+DETECTED_METRICS = ("identity_deg", "lmd")  # measured inside dlib's face box on the reference image
+
+
+def metric_plan(image_size: int) -> tuple[list[str], dict[str, str]]:
+    """The metrics a comparison at ``image_size`` px scores: ``METRICS`` plus each of ``FACE_METRICS``
+    that can run here, and {metric: reason} for the others (packages absent, NIQE below 96 px)."""
+    usable, skipped = resolve_metrics(FACE_METRICS, None, image_size)
+    return METRICS + usable, skipped
+
+
+def score_vs(pred: torch.Tensor, ref: torch.Tensor, metrics: list[str], copy_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``evaluate.score`` of ``pred`` against ``ref`` (NCHW in [0, 1]) with the face-detection rule of the table.
+
+    ``identity_deg``/``lmd`` are computed exactly as ``toolchain eval`` computes them; ``faces_detected``
+    records in how many reference images dlib's detector found a face (the others use the whole crop as
+    the box). When it finds none at all, the two metrics are not scored and ``missing`` holds the reason.
+    ``copy_from``: an earlier result of the same ``pred`` whose no-reference metrics (``niqe``) are reused."""
+    names, missing, extra = list(metrics), {}, {}
+    if copy_from is not None:
+        from toolchain.eval.metrics import NO_REFERENCE_METRICS
+
+        for m in NO_REFERENCE_METRICS:
+            if m in names and m in copy_from:
+                names.remove(m)
+                extra[m], extra[m + "_per_image"] = copy_from[m], copy_from[m + "_per_image"]
+    if any(m in DETECTED_METRICS for m in names):
+        from toolchain.eval.face import faces_found
+
+        found = sum(faces_found(ref))
+        extra["faces_detected"] = found
+        if found == 0:
+            why = (f"dlib's HOG face detector found no face in any of the {len(ref)} reference images ({ref.shape[-1]} px; "
+                   "its window is 80 px), so there is no face to measure")
+            missing = {m: why for m in names if m in DETECTED_METRICS}
+            names = [m for m in names if m not in DETECTED_METRICS]
+    out = score(pred, ref, names)
+    out.update(extra)
+    if missing:
+        out["missing"] = missing
+    return out
 
 
 def validate_spec(spec: Any, where: str = "comparison spec") -> list[dict[str, Any]]:
@@ -99,9 +146,10 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
     lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size, getattr(fp.config, "upscale", 1))
     fp_out = restore_set(fp, lq_batches, device, "FP")
     example = torch.zeros(1, 3, size, size, device=device)
+    metrics, skipped = metric_plan(int(min(hq.shape[-2:])))
     rows: list[dict[str, Any]] = [
-        {"label": "LQ input", "bits": "-", "vs_hq": score(lq, hq, METRICS)},
-        {"label": "FP", "bits": "W32A32", "vs_hq": score(fp_out, hq, METRICS), "accounting": count(fp, example).to_dict(per_layer=False)},
+        {"label": "LQ input", "bits": "-", "vs_hq": score_vs(lq, hq, metrics)},
+        {"label": "FP", "bits": "W32A32", "vs_hq": score_vs(fp_out, hq, metrics), "accounting": count(fp, example).to_dict(per_layer=False)},
     ]
     grids: dict[str, dict[str, torch.Tensor]] = {}
     for run in spec:
@@ -131,46 +179,49 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                 summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device, table_rules(table),
                                     calib_batches=run.get("calib_batches"))
                 bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
-            cached = _cached_eval(ck, model_path, eval_dir)
+            cached = _cached_eval(ck, model_path, eval_dir, metrics)
             if cached is not None:
                 row, out_imgs = cached
             else:
                 model, _ = load_quantized(ck, device)
                 out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
+                vs_hq = score_vs(out_imgs, hq, metrics)
                 row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
                        "calibration_images": sum(int(b.shape[0]) for b in run_calib),
-                       "vs_hq": score(out_imgs, hq, METRICS), "vs_fp": score(out_imgs, fp_out, METRICS),
+                       "vs_hq": vs_hq, "vs_fp": score_vs(out_imgs, fp_out, metrics, copy_from=vs_hq),
                        "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
                        "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}
-                _store_eval(ck, model_path, eval_dir, row, out_imgs)
+                _store_eval(ck, model_path, eval_dir, metrics, row, out_imgs)
             rows.append(row)
             grids.setdefault(bits, {"LQ": lq, "FP": fp_out})[label] = out_imgs
-            print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}  "
+            face = "".join(f"  {short} {row['vs_hq'][m]:{f}}" for m, short, f in (("identity_deg", "ID°", ".1f"), ("lmd", "LMD", ".2f"),
+                                                                                ("niqe", "NIQE", ".2f")) if m in row["vs_hq"])
+            print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}{face}  "
                   f"| vs FP PSNR {row['vs_fp']['psnr']:.2f}", flush=True)
-            _write(rows, out, name, model_path, calib_dir, eval_dir)
+            _write(rows, out, name, model_path, calib_dir, eval_dir, metrics, skipped)
     for bits, cols in grids.items():
         cols["HQ"] = hq
         save_grid(out / f"{name}_grid_{bits}.png", cols, max_rows=4, cell=128)
-    return _write(rows, out, name, model_path, calib_dir, eval_dir)
+    return _write(rows, out, name, model_path, calib_dir, eval_dir, metrics, skipped)
 
 
-def _eval_key(ck: Path, model_path: Path, eval_dir: Path) -> str:
+def _eval_key(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str]) -> str:
     """Evaluation of one checkpoint on one eval set: tied to the checkpoint's spec key and the metrics."""
     spec_key = (ck / "spec_key.txt").read_text() if (ck / "spec_key.txt").is_file() else ""
-    return hashlib.sha256(json.dumps([spec_key, str(model_path), str(Path(eval_dir).resolve()), METRICS]).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([spec_key, str(model_path), str(Path(eval_dir).resolve()), metrics]).encode()).hexdigest()[:12]
 
 
-def _cached_eval(ck: Path, model_path: Path, eval_dir: Path) -> tuple[dict[str, Any], torch.Tensor] | None:
+def _cached_eval(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str]) -> tuple[dict[str, Any], torch.Tensor] | None:
     """A rerun reuses each checkpoint's scores and restored images, so one command rebuilds the whole table cheaply."""
-    key = _eval_key(ck, model_path, eval_dir)
+    key = _eval_key(ck, model_path, eval_dir, metrics)
     row_path, img_path = ck / f"eval-{key}.json", ck / f"eval-{key}.safetensors"
     if not (row_path.is_file() and img_path.is_file()):
         return None
     return json.loads(row_path.read_text()), load_tensors(img_path)["images"].float()
 
 
-def _store_eval(ck: Path, model_path: Path, eval_dir: Path, row: dict[str, Any], images: torch.Tensor) -> None:
-    key = _eval_key(ck, model_path, eval_dir)
+def _store_eval(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str], row: dict[str, Any], images: torch.Tensor) -> None:
+    key = _eval_key(ck, model_path, eval_dir, metrics)
     save_tensors(ck / f"eval-{key}.safetensors", {"images": images.detach().cpu().to(torch.float16).contiguous()})
     atomic_write_json(ck / f"eval-{key}.json", row)
 
@@ -183,18 +234,64 @@ def _bits_rank(row: dict[str, Any]) -> tuple[float, float]:
     return (-float(m.group(1)), -float(m.group(2)))
 
 
-def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, calib: Path, ev: Path) -> dict[str, Any]:
+# (key, header, format, lower is better) of the markdown columns, vs HQ then vs FP; NIQE (no reference) once per output.
+HQ_COLUMNS = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".4f"), ("st_lpips", "ST-LPIPS", ".4f"), ("fd_stlpips", "FD-STLPIPS", ".4f"),
+              ("identity_deg", "ID° (dlib)", ".2f"), ("lmd", "LMD (px)", ".2f"), ("niqe", "NIQE", ".2f")]
+FP_COLUMNS = [("psnr", "PSNR vs FP", ".2f"), ("st_lpips", "ST-LPIPS vs FP", ".4f"), ("identity_deg", "ID° vs FP", ".2f"),
+              ("lmd", "LMD vs FP", ".2f")]
+
+
+def _arrow(metric: str) -> str:
+    from toolchain.eval.metrics import LOWER_IS_BETTER
+
+    return "↓" if metric in LOWER_IS_BETTER else "↑"
+
+
+def _cell(scores: dict[str, Any] | None, key: str, fmt: str, skipped: dict[str, str], notes: dict[str, int]) -> str:
+    """One table cell: the value; "n/a [k]" with note k giving the reason when the metric could not run;
+    "–" where the comparison does not apply (no float-model reference for the LQ and FP rows)."""
+    if scores is None:
+        return "–"
+    value = scores.get(key)
+    if value is not None:
+        text = format(value, fmt)
+        n = len(scores.get("psnr_per_image", ()))
+        if key in DETECTED_METRICS and "faces_detected" in scores and scores["faces_detected"] < n:
+            text += f" ({scores['faces_detected']}/{n} faces)"
+        return text
+    why = scores.get("missing", {}).get(key) or skipped.get(key)
+    if why is None and key == "fd_stlpips":
+        why = "a set metric: needs at least 2 images"
+    why = why or "not computed"
+    return f"n/a [{notes.setdefault(why, len(notes) + 1)}]"
+
+
+def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, calib: Path, ev: Path, metrics: list[str] | None = None,
+           skipped: dict[str, str] | None = None) -> dict[str, Any]:
+    from toolchain.eval.metrics import LOWER_IS_BETTER, METRIC_NOTES
+
+    metrics, skipped = list(metrics or METRICS), dict(skipped or {})
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"model": str(model_path), "calibration": str(calib), "eval": str(ev), "metrics": METRICS, "rows": rows}
+    doc = {"model": str(model_path), "calibration": str(calib), "eval": str(ev), "metrics": metrics, "skipped_metrics": skipped,
+           "lower_is_better": sorted(m for m in metrics + list(skipped) if m in LOWER_IS_BETTER),
+           "metric_notes": {m: METRIC_NOTES[m] for m in metrics + list(skipped) if m in METRIC_NOTES}, "rows": rows}
     atomic_write_json(out / f"{name}.json", doc)
-    head = ("| Bits | Method | PSNR↑ | SSIM↑ | ST-LPIPS↓ | FD-STLPIPS↓ | PSNR vs FP↑ | ST-LPIPS vs FP↓ | Params (M, paper conv.) | Ops (G, paper conv.) | Size (MB, honest) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
+    head = ["Bits", "Method"] + [h + _arrow(k) for k, h, _ in HQ_COLUMNS] + [h + _arrow(k) for k, h, _ in FP_COLUMNS] + [
+        "Params (M, paper conv.)", "Ops (G, paper conv.)", "Size (MB, honest)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes: dict[str, int] = {}
     for r in sorted(rows, key=_bits_rank):  # grouped by bit setting as in the paper's Table 1; stable within a group
-        h, f = r["vs_hq"], r.get("vs_fp", {})
         acc = r.get("accounting", {})
-        lines.append(f"| {r['bits']} | {r['label']} | {h['psnr']:.2f} | {h['ssim']:.4f} | {h['st_lpips']:.4f} | {h.get('fd_stlpips', float('nan')):.4f} | "
-                     + (f"{f['psnr']:.2f} | {f['st_lpips']:.4f} | " if f else "– | – | ")
-                     + (f"{acc['paper']['params_M']:.2f} | {acc['paper']['ops_G']:.2f} | {acc['honest']['size_MB']:.2f} |" if acc else "– | – | – |"))
+        cells = [str(r["bits"]), r["label"]]
+        cells += [_cell(r["vs_hq"], k, f, skipped, notes) for k, _, f in HQ_COLUMNS]
+        cells += [_cell(r.get("vs_fp"), k, f, skipped, notes) for k, _, f in FP_COLUMNS]
+        cells += ([f"{acc['paper']['params_M']:.2f}", f"{acc['paper']['ops_G']:.2f}", f"{acc['honest']['size_MB']:.2f}"] if acc else ["–"] * 3)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "↓ lower is better, ↑ higher is better. ID°: angle between dlib 128-D face embeddings (not ArcFace: not comparable "
+              "with the paper's Deg.); LMD: mean distance of dlib's 68 landmarks in pixels at the images' resolution; NIQE: "
+              "no-reference, of the output alone (below 192 px a single patch: not comparable with published NIQE). "
+              "\"(k/N faces)\": dlib's detector found a face in only k of the N reference images; the others were measured in the whole crop."]
+    if notes:
+        lines += [""] + [f"n/a [{k}]: {why}" for why, k in notes.items()]
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
     return doc

@@ -54,7 +54,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     ose.add_argument("--weights", type=Path, required=True, help="osediff.pkl (UNet/VAE-encoder LoRA + fine-tuned conv_in)")
     ose.add_argument("--prompt-embedding", type=Path, required=True,
                      help="one tensor (1, 77, cross_attention_dim) used as the constant prompt (.safetensors or .pt)")
+    st = msub.add_parser("stats", help="per-layer statistics that make a model hard or easy to quantize",
+                         description="For every quantizable layer: Pearson kurtosis of its weights (per tensor, normal = 3), the "
+                                     "max/median ratio of its input channels' ranges on calibration images, and whether its input has "
+                                     "outlier channels (channel |max| > 10x the median channel's); a summary, a markdown table and a "
+                                     "distribution plot. Writes model_stats.json, model_stats.md and model_stats.png to --out.")
+    st.add_argument("--model", type=Path, default=None, help="float model (default: the bundled reference model)")
+    st.add_argument("--preset", default=None, help="architecture preset for model files without config")
+    st.add_argument("--calib", type=Path, required=True, help="calibration set folder (from `toolchain calibrate`)")
+    st.add_argument("--images", type=int, default=16, help="calibration images to run (default 16)")
+    st.add_argument("--batch-size", type=int, default=4)
+    st.add_argument("--out", type=Path, required=True, help="folder for model_stats.json / .md / .png (other files are left alone)")
+    st.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    """`toolchain model stats`: see toolchain.eval.model_stats."""
+    import platform
+
+    from calibration.dataset import CalibrationSet
+    from toolchain.commands.common import resolve_model_path
+    from toolchain.defaults import device_from_arg
+    from toolchain.errors import CheckpointError, OutputError, UsageError
+    from toolchain.eval import model_stats as MS
+    from toolchain.io.atomic import atomic_write_json, atomic_write_text
+    from toolchain.models import load_model
+
+    if args.images < 1 or args.batch_size < 1:
+        raise UsageError("--images and --batch-size must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"--out {args.out} is an existing file; model stats writes a folder")
+    model_path = resolve_model_path(args.model)
+    if not model_path.exists():
+        raise CheckpointError(f"model {model_path} does not exist")
+    data = CalibrationSet.open(args.calib)  # InputError (one line) when it is no calibration set
+    model = load_model(model_path, args.preset).to(device_from_arg(args.device)).eval()
+    size = model.image_size
+    batches = data.batches(size, args.batch_size, limit=args.images)
+    images = sum(int(b.shape[0]) for b in batches)
+    records = MS.model_layer_statistics(model, batches)
+    parts = {}
+    for part in dict.fromkeys(r["part"] for r in records):
+        ps = MS.summarize([r for r in records if r["part"] == part], top=0)
+        parts[part] = {k: ps[k] for k in ("layers", "median_weight_kurtosis", "median_channel_range_ratio",
+                                          "fraction_layers_with_outlier_channel_inputs")}
+    command = ("toolchain model stats" + (f" --model {args.model}" if args.model is not None else "") + (f" --preset {args.preset}" if args.preset else "")
+               + f" --calib {args.calib} --images {args.images} --batch-size {args.batch_size} --out {args.out} --device {args.device}")
+    shown = model_path.resolve()
+    doc = {"model": str(shown.relative_to(Path.cwd())) if shown.is_relative_to(Path.cwd()) else str(shown), "model_name": model.config.name, "calibration": str(args.calib), "images": images,
+           "image_size": size, "command": command, "device": str(args.device), "machine": platform.processor() or platform.machine(),
+           "definitions": {"weight_kurtosis": "Pearson kurtosis E[(w-mu)^4]/sigma^4 of all weights of the layer pooled (normal = 3; "
+                                              "excess = this - 3), population moments (scipy.stats.kurtosis fisher=False bias=True)",
+                           "channel_range_ratio": "max over input channels of (max - min) / median over input channels of (max - min), "
+                                                  "on the calibration images (conv: axis 1; linear: last axis)",
+                           "outlier_channels": f"input channels whose max(|min|, |max|) exceeds {MS.OUTLIER_FACTOR:g}x the median channel's"},
+           "summary": MS.summarize(records), "by_part": parts, "layers": records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = MS.json_safe(doc)
+    atomic_write_json(args.out / "model_stats.json", doc)
+    atomic_write_text(args.out / "model_stats.md", MS.markdown(doc))
+    MS.plot(doc, args.out / "model_stats.png")
+    s = doc["summary"]
+    fmt = lambda v, f=".2f": "n/a" if v is None else format(v, f)  # noqa: E731
+    print(f"{s['layers']} quantizable layers, {images} images: median weight kurtosis {fmt(s['median_weight_kurtosis'])} (Pearson), "
+          f"median channel range ratio {fmt(s['median_channel_range_ratio'])}, "
+          f"outlier-channel inputs {fmt(s['fraction_layers_with_outlier_channel_inputs'], '.1%')}")
+    print(f"report: {args.out / 'model_stats.md'}")
+    return 0
 
 
 def _release_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
     from toolchain.models import build_model, load_model, preset, save_model
 
+    if args.model_cmd == "stats":
+        return _run_stats(args)
     if args.model_cmd == "import":
         check_destination(args.out, "dir", [p for p in vars(args).values() if isinstance(p, Path) and p != args.out], args.overwrite)
     if args.model_cmd == "import" and args.import_kind == "osediff":

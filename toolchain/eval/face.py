@@ -86,15 +86,28 @@ def to_uint8(images) -> list[np.ndarray]:
     return [np.ascontiguousarray(im.transpose(1, 2, 0)) for im in x]
 
 
-def face_box(img: np.ndarray):
-    """dlib.rectangle of the face in an (H, W, 3) uint8 image: HOG detector (upsample 0, then 1), the
-    largest detection; the whole image when none is found."""
-    dlib = _dlib()
+def detect_face(img: np.ndarray):
+    """dlib.rectangle of the largest face dlib's HOG frontal detector finds in an (H, W, 3) uint8 image
+    (upsample 0, then 1), or None when it finds none (its window is 80×80 px, so faces below ~40 px
+    are never found)."""
     for upsample in (0, 1):
         dets = list(_detector()(img, upsample))
         if dets:
             return max(dets, key=lambda r: r.width() * r.height())
-    return dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
+    return None
+
+
+def face_box(img: np.ndarray):
+    """dlib.rectangle of the face in an (H, W, 3) uint8 image: ``detect_face``, or the whole image when
+    no face is found (the inputs are aligned face crops)."""
+    box = detect_face(img)
+    return box if box is not None else _dlib().rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
+
+
+def faces_found(ref) -> list[bool]:
+    """Per image of ``ref`` (NCHW tensor in [0, 1]): whether the detector found a face, i.e. whether
+    ``identity_deg``/``lmd`` measured a detected face rather than the whole-crop fallback box."""
+    return [detect_face(r) is not None for r in to_uint8(ref)]
 
 
 def landmarks(img: np.ndarray, box, filename: str = LANDMARKS68_FILE) -> np.ndarray:

@@ -200,6 +200,12 @@ NO_REFERENCE_METRICS = ("niqe",)
 DEFAULT_METRICS = ("psnr", "ssim", "st_lpips", "fd_stlpips")
 LOWER_IS_BETTER = {"st_lpips", "lpips", "fid", "fd_stlpips", "identity_deg", "lmd", "niqe"}
 NIQE_MIN_SIZE = 96  # NIQE's patch side
+# What each reported number is, for reports and tables (eval's report.json and compare's JSON).
+METRIC_NOTES = {"st_lpips": "shift-tolerant LPIPS (AlexNet); not comparable to published LPIPS",
+                "fd_stlpips": "Fréchet distance of ST-LPIPS features; a labelled FID substitute, not FID",
+                "identity_deg": "degrees between dlib 128-D face embeddings (not ArcFace: not comparable with the paper's Deg.)",
+                "lmd": "mean distance in pixels at the images' resolution between dlib 68-point landmarks",
+                "niqe": "no-reference NIQE (published pristine model) of the output alone; vs_hq and vs_fp hold the same value"}
 
 
 def check_metric_available(name: str, weights_dir: str | Path | None = None) -> None:

@@ -13,6 +13,7 @@ from toolchain.errors import CheckpointError
 from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, resolve_metrics, restore_set, score
 from toolchain.eval.grid import save_grid
+from toolchain.eval.metrics import METRIC_NOTES
 from toolchain.io.atomic import atomic_write_json
 
 
@@ -72,11 +73,7 @@ def evaluate_to_folder(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"path": str(args.data), "images": int(lq.shape[0]), "size": size, "manifest_seed": data.manifest.get("seed")},
         "metrics": metric_names,
         "skipped_metrics": skipped,
-        "metric_notes": {"st_lpips": "shift-tolerant LPIPS (AlexNet); not comparable to published LPIPS",
-                         "fd_stlpips": "Fréchet distance of ST-LPIPS features; a labelled FID substitute, not FID",
-                         "identity_deg": "degrees between dlib 128-D face embeddings (not ArcFace: not comparable with the paper's Deg.)",
-                         "lmd": "mean distance in pixels at the images' resolution between dlib 68-point landmarks",
-                         "niqe": "no-reference NIQE (published pristine model) of the output alone; vs_hq and vs_fp hold the same value"},
+        "metric_notes": dict(METRIC_NOTES),
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
