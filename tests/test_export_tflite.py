@@ -122,6 +122,10 @@ def test_fp16_tflite_for_the_gpu_delegate(tiny_model_path, calib_dir, tmp_path, 
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--precision fp16 applies to --target tflite" in err[0]
     assert not (tmp_path / "x.onnx").exists()
+    # a TFLite file has its export's input size: --dynamic is refused, not silently ignored
+    assert main(["export", "--model", str(tiny_model_path), "--target", "tflite", "--dynamic", "--out", str(tmp_path / "d.tflite")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dynamic applies to --target onnx only" in err[0] and not (tmp_path / "d.tflite").exists()
 
 
 def _stored_weight_ints(path):
