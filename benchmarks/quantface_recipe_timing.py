@@ -9,7 +9,8 @@ Calibration images are the bundled faces resized to the model size and degraded 
 
     python benchmarks/quantface_recipe_timing.py --preset osdface --images 512 --epochs 1 --batch-size 4 --mp \
         --sweep-images 2 --out benchmarks/results/recipe_512        # issue: whole recipe at 512 images
-    python benchmarks/quantface_recipe_timing.py --preset tiny --images 8 --epochs 1 --mp --out /tmp/t   # CPU smoke test
+    python benchmarks/quantface_recipe_timing.py --preset tiny --images 8 --epochs 1 --mp --mse-only --out /tmp/t   # CPU smoke
+    # test: ~1 min on an idle 2-core CPU (the sweep dominates; several times longer on a loaded one)
 
 The distillation loss is MSE only when ``--mse-only`` (no perceptual network: the GPU machine has no
 stlpips wheel); the sweep metric is ``--sweep-metric`` (mse by default, which needs no weights).
@@ -57,6 +58,7 @@ class Stages:
         self.log, self.partial = log, partial
         self.rows: list[dict] = []
         self.calls = 1
+        self.quiet = False  # the caller prints the row itself (after amending it)
         if log is not None and log.is_file():
             state = json.loads(log.read_text())
             self.rows, self.calls = state["rows"], state["calls"] + 1
@@ -82,7 +84,8 @@ class Stages:
         if self.device.type == "cuda":
             row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.rows.append(row)
-        print(row, flush=True)
+        if not self.quiet:
+            print(row, flush=True)
         self.save()
         return out
 
@@ -107,15 +110,22 @@ def mixed_precision_stages(st: Stages, model, qcfg, calib: Path, args, device: t
     sweep_name = f"sensitivity sweep ({args.sweep_images} images, {args.sweep_metric})"
     cache = args.work / "alloc" / "sensitivity"
     # time of earlier, cut-off calls of the sweep: from their start to their last cached layer
+    # each earlier call's share: from its start to its last cached layer before the next call began (a layer file belongs
+    # to exactly one call, so nothing is counted twice, nor the idle time between calls)
     earlier = json.loads((args.work / "sweep_calls.json").read_text()) if (args.work / "sweep_calls.json").is_file() else []
+    now = time.time()
+    starts = [c["start"] for c in earlier] + [now]
     spent = 0.0
-    for call in earlier:
-        stamps = [f.stat().st_mtime for f in cache.glob("*.json") if f.name != "_settings.json" and f.stat().st_mtime >= call["start"]]
-        spent += max(stamps, default=call["start"]) - call["start"]
-    atomic_write_json(args.work / "sweep_calls.json", earlier + [{"start": time.time()}])
+    for a, b in zip(starts, starts[1:]):
+        stamps = [f.stat().st_mtime for f in cache.glob("*.json") if f.name != "_settings.json" and a <= f.stat().st_mtime < b]
+        spent += max(stamps, default=a) - a
+    atomic_write_json(args.work / "sweep_calls.json", earlier + [{"start": now}])
+    st.quiet = True
     sens = st.run(sweep_name, lambda: run_sensitivity(ck, calib, args.work / "alloc", settings, device=str(device)),
                   calls=len(earlier) + 1)
+    st.quiet = False
     st.rows[-1]["seconds"] = round(st.rows[-1]["seconds"] + spent, 2)
+    print(st.rows[-1], flush=True)
     st.save()
     errors = st.run(f"error table ({args.error_images} images, bits 3-6)",
                     lambda: error_table(ck, calib, [3, 4, 5, 6], images=args.error_images, device=str(device)))
@@ -237,4 +247,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: the finished stages and the sweep's cached layers are kept in --work; run the same command "
+              "again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -64,9 +64,10 @@ class ExportOptions:
             raise ExportError("--qdq-format applies to --target onnx only")
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
-        if self.precision != "int" and (target != "tflite" or self.weight_container != "auto" or self.mp_table is not None):
-            raise ExportError("--precision fp16 applies to --target tflite only, without --weight-container or --mp-table "
-                              "(its weights are float16, its activations float)")
+        if self.precision != "int" and target != "tflite":
+            raise ExportError("--precision fp16 applies to --target tflite only (ONNX: --float-weights fp16 stores float weights in float16)")
+        if self.precision != "int" and (self.weight_container != "auto" or self.mp_table is not None):
+            raise ExportError("--precision fp16 takes no --weight-container or --mp-table (its weights are float16, its activations float)")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ExportError(f"unknown float-weight storage '{self.float_weights}' (choose from {', '.join(FLOAT_WEIGHTS)})")
         if target != "onnx" and self.float_weights != "auto":
@@ -74,8 +75,10 @@ class ExportOptions:
         if target != "onnx" and self.dynamic:
             raise ExportError("--dynamic applies to --target onnx only (a TFLite export has the input size of the model it "
                               "was exported from)")
-        if target != "tflite" and (self.weight_container != "auto" or self.mp_table is not None):
-            raise ExportError("--weight-container and --mp-table apply to --target tflite only")
+        if target != "tflite" and self.weight_container != "auto":
+            raise ExportError("--weight-container applies to --target tflite only")
+        if target != "tflite" and self.mp_table is not None:
+            raise ExportError("--mp-table applies to --target tflite only")
 
 
 class ExportBackend(Protocol):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,8 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript tracer's warnings (shape asserts, constant folding) bury the progress line
             torch.onnx.export(wrapped, inputs, str(raw), dynamo=False, opset_version=options.opset, input_names=in_names,
                               output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True)
         proto = onnx.load(str(raw), load_external_data=True)

@@ -141,7 +141,8 @@ def _run_locked(args: argparse.Namespace) -> int:
         atomic_write_json(staging / (out.name + ".json"), report)
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
                                       "scale_mismatches", "weight_grid_mismatches", "spatial_multiple",
-                                      "qdq_format", "ort_layers", "ort_fused_nodes", "precision", "fp16_vs_fp32") if k in report}
+                                      "qdq_format", "ort_layers", "ort_fused_nodes", "precision", "fp16_vs_fp32", "float_weights",
+                                      "float16_layers") if k in report}
     if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
         summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
     print(json.dumps(summary))
