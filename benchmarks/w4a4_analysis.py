@@ -249,7 +249,10 @@ def plot(a: dict | None, b: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [p for p in (a, b) if p]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    if not panels:
+        return
+    fig, axs = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
+    axes = list(axs[0]) if a else [None, axs[0][0]]
     if a:
         pl = a["per_layer"]
         names = list(pl)
@@ -275,9 +278,6 @@ def plot(a: dict | None, b: dict | None, path: Path) -> None:
         ax.set_ylabel("PSNR vs float output (dB), kind's activations alone at A4")
         ax.set_title("(b) activation observers per layer kind")
         ax.legend(fontsize=8)
-    if not panels:
-        plt.close(fig)
-        return
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -339,7 +339,9 @@ def report(res: dict, out: Path) -> str:
     if "fp_vs_hq" in res:
         L.append(f"\nFloat model vs HQ on the test faces: PSNR {res['fp_vs_hq']['psnr']:.2f} dB, ST-LPIPS {res['fp_vs_hq']['st_lpips']:.4f}; "
                  f"degraded input vs HQ: PSNR {res['lq_vs_hq']['psnr']:.2f} dB, ST-LPIPS {res['lq_vs_hq']['st_lpips']:.4f}.")
-    L.append("\nPlot: `w4a4_analysis.png` (left: per-layer W4A4 PSNR vs float; right: observers per kind).")
+    if not a:
+        L.append("\nStage (a), the per-layer sweep, has not been run into these results.")
+    L.append("\nPlot: `w4a4_analysis.png` (" + ("left: per-layer W4A4 PSNR vs float; right: " if a else "") + "observers per kind).")
     text = "\n".join(L) + "\n"
     atomic_write_text(out / "results.md", text)
     return text
