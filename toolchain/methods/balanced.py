@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolchain.balance.stats import collect_input_absmax
+from toolchain.errors import ConfigError
 from toolchain.balance.transform import BalanceConfig, apply_balancing, balance_report, plan_balancing
 from toolchain.methods.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
+from toolchain.quant.kinds import observer_for, parse_kind_observers, parse_observer
 from toolchain.quant.quantizer import FakeQuantizer
 
 
@@ -59,6 +61,8 @@ class SmoothQuant(QuantMethod):
 
 @dataclass
 class QuantFaceParams:
+    recipe: str = "default"  # a named preset of the fields below (RECIPES); parameters given explicitly override it
+    observers: tuple[str, ...] = ()  # activation observer per layer kind: KIND=OBSERVER items (toolchain.quant.kinds), '*' = the rest
     balance: str = "rotate-scale"  # none | scale | rotate | rotate-scale | auto (per-layer choice by output error)
     alpha: float = 0.5
     fallback_a_bits: int = 8  # activations of layers whose channel count has no Hadamard matrix
@@ -78,21 +82,60 @@ class QuantFaceParams:
     def __post_init__(self) -> None:
         if self.svd_rank < 0 or self.lora_rank < 0 or self.train_steps < 0:
             raise ValueError("ranks and train_steps must be >= 0")
+        parse_kind_observers(self.observers)
+
+
+# Named QuantFace recipes: each fixes the fields it names, as JSON values (explicit parameters win).
+# "paper": the settings of the QuantFace paper as this toolchain implemented them before the W4A4
+# analysis (rotation-scaling on every layer, SVD + LoRA rank 8 each, min-max activation ranges).
+# "default": the dataclass defaults (the best settings measured in benchmarks/results/w4a4_analysis_ref/).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"balance": "rotate-scale", "alpha": 0.5, "observers": [], "svd_rank": 8, "lora_rank": 8, "rank_ratio": 0.0},
+    "default": {},
+}
+
+
+def apply_observers(model, mapping: dict[str, str]) -> dict[str, str]:
+    """Give each quantized layer's input quantizer the observer ``mapping`` names for its kind
+    (``toolchain.quant.kinds``; ``*`` for every other kind); layers of unnamed kinds keep theirs.
+    Call before calibration. Returns {layer: observer} for the layers changed."""
+    changed = {}
+    for name, layer in quant_layers(model):
+        obs = observer_for(name, mapping)
+        q = layer.input_quantizer
+        if obs is None or q is None:
+            continue
+        spec = parse_observer(obs, q.spec)
+        if spec != q.spec:
+            layer.input_quantizer = FakeQuantizer(spec, q.scale.numel(), q.axis).to(layer.weight.device)
+            changed[name] = obs
+    return changed
 
 
 @register_method
 class QuantFace(QuantMethod):
     name = "quantface"
     Params = QuantFaceParams
-    summary_doc = "rotation-scaling balancing + QD-LoRA (SVD branch + LoRA, distilled) + static calibration"
+    summary_doc = ("rotation-scaling balancing + QD-LoRA (SVD branch + LoRA, distilled) + static calibration; "
+                   f"recipe={'|'.join(RECIPES)} presets the rest")
+
+    def __init__(self, params: dict[str, Any] | None = None, labels: dict[str, str] | None = None):
+        params = dict(params or {})
+        recipe = params.get("recipe", "default")
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise ConfigError(f"parameter 'recipe' = {recipe!r}: expected one of {', '.join(RECIPES)}")
+        super().__init__({**RECIPES[recipe], **params}, labels)
 
     def apply(self, model, config: QuantConfig, ctx: MethodContext) -> dict[str, Any]:
         from toolchain.lowrank.compensate import attach_branches, merge_all, train_branches
 
         p = self.params
         layers = prepare_model(model, config)
+        observers = apply_observers(model, parse_kind_observers(p.observers)) if p.observers else {}
         bcfg = BalanceConfig(mode=p.balance, alpha=p.alpha, seed=ctx.seed, fallback_a_bits=p.fallback_a_bits)
-        summary: dict[str, Any] = {"quantized_layers": len(layers), "balance": balance_model(model, ctx, bcfg)}
+        summary: dict[str, Any] = {"quantized_layers": len(layers), "recipe": p.recipe, "balance": balance_model(model, ctx, bcfg)}
+        if observers:
+            summary["observers"] = {obs: sum(1 for v in observers.values() if v == obs) for obs in sorted(set(observers.values()))}
         branched = attach_branches(model, p.svd_rank, p.lora_rank, ctx.seed, p.lora_into_residual, rank_ratio=p.rank_ratio)
         summary["calibration_batches"] = calibrate(model, ctx)
         summary["lowrank"] = {"layers": branched, "svd_rank": p.svd_rank, "lora_rank": p.lora_rank, "rank_ratio": p.rank_ratio,
