@@ -58,7 +58,6 @@ class Stages:
         self.log, self.partial = log, partial
         self.rows: list[dict] = []
         self.calls = 1
-        self.quiet = False  # the caller prints the row itself (after amending it)
         if log is not None and log.is_file():
             state = json.loads(log.read_text())
             self.rows, self.calls = state["rows"], state["calls"] + 1
@@ -72,7 +71,8 @@ class Stages:
         if self.partial is not None:
             atomic_write_json(self.partial, {"stages": self.rows, "calls": self.calls})
 
-    def run(self, name: str, fn, **extra):
+    def run(self, name: str, fn, quiet: bool = False, **extra):
+        """Time ``fn()``; the row is printed unless ``quiet`` (a caller that amends the row prints it itself)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -84,7 +84,7 @@ class Stages:
         if self.device.type == "cuda":
             row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.rows.append(row)
-        if not self.quiet:
+        if not quiet:
             print(row, flush=True)
         self.save()
         return out
@@ -120,10 +120,8 @@ def mixed_precision_stages(st: Stages, model, qcfg, calib: Path, args, device: t
         stamps = [f.stat().st_mtime for f in cache.glob("*.json") if f.name != "_settings.json" and a <= f.stat().st_mtime < b]
         spent += max(stamps, default=a) - a
     atomic_write_json(args.work / "sweep_calls.json", earlier + [{"start": now}])
-    st.quiet = True
     sens = st.run(sweep_name, lambda: run_sensitivity(ck, calib, args.work / "alloc", settings, device=str(device)),
-                  calls=len(earlier) + 1)
-    st.quiet = False
+                  quiet=True, calls=len(earlier) + 1)
     st.rows[-1]["seconds"] = round(st.rows[-1]["seconds"] + spent, 2)
     print(st.rows[-1], flush=True)
     st.save()

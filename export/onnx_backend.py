@@ -138,10 +138,9 @@ def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: I
     rounding flips (the per-layer check cannot); pass ``threads`` to make a figure reproducible."""
     from export.validate import validate_runs
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    float16 = json.loads(props.get(FLOAT16_LAYERS_KEY, "[]"))
-    reference = with_float16_weights(model, float16) if float16 else model
     sessions = {"default": ort_session(path, threads), "no_optimizations": ort_session(path, threads, optimize=False)}
+    float16 = json.loads(sessions["default"].get_modelmeta().custom_metadata_map.get(FLOAT16_LAYERS_KEY, "[]"))
+    reference = with_float16_weights(model, float16) if float16 else model
     names = [i.name for i in sessions["default"].get_inputs()]
 
     def runner(sess):

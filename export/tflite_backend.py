@@ -39,8 +39,8 @@ from export.backend import ExportOptions, Inputs
 from export.litert.audit import op_census, read_back
 from export.litert.convert import convert_float, layer_usage
 from export.litert.metadata import METADATA_KEY, add_metadata
-from export.litert.recipe import _weight_container, quantize_with_checkpoint_ranges
-from export.litert.runtime import run_tflite
+from export.litert.recipe import quantize_with_checkpoint_ranges
+from export.litert.runtime import tflite_runner
 from export.parts import part_module
 from export.prepare import export_module
 from toolchain.errors import ExportError
@@ -56,8 +56,7 @@ def export_tflite(model: torch.nn.Module, out: str | Path, options: ExportOption
     export needs ``calib_inputs`` (the op output ranges). Raises ExportError for options TFLite does not
     take, a missing calibration set, and layers the converter changed beyond recognition."""
     options = options or ExportOptions(**kwargs)
-    options.check("tflite")
-    _weight_container(4, options.weight_container)
+    options.check("tflite")  # also the weight container policy, before the slow conversion
     out = Path(out)
     part = options.part
     t0 = time.perf_counter()
@@ -117,7 +116,8 @@ def _export_fp16(float_bytes: bytes, out: Path, report: dict[str, Any], options:
     fp16 = float16_weights(float_bytes)
     atomic_write_bytes(out, fp16)
     image = options.part in ("full", "vae_decoder")
-    rows = [compare(run_tflite(fp16, inp), run_tflite(float_bytes, inp), image) for inp in (options.calib_inputs or [inputs])]
+    run16, run32 = tflite_runner(fp16), tflite_runner(float_bytes)
+    rows = [compare(run16(inp), run32(inp), image) for inp in (options.calib_inputs or [inputs])]
     key = "psnr_db" if image else "max_abs_error"
     report.update({"bytes": len(fp16), "quantized": False, "ops": op_census(fp16), "seconds": round(time.perf_counter() - t0, 1),
                    "fp16_vs_fp32": {"metric": key, "images": len(rows), "median": float(np.median([r[key] for r in rows])),
@@ -147,7 +147,7 @@ def validate_tflite(path: str | Path | bytes, model: torch.nn.Module, part: str,
     from export.validate import validate_runs
 
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    runs = {"xnnpack": lambda inp: run_tflite(data, inp), "builtin_kernels": lambda inp: run_tflite(data, inp, xnnpack=False)}
+    runs = {"xnnpack": tflite_runner(data), "builtin_kernels": tflite_runner(data, xnnpack=False)}
     return validate_runs(runs, model, part, inputs, "tflite")
 
 

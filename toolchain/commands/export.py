@@ -131,7 +131,10 @@ def _run_locked(args: argparse.Namespace) -> int:
     print(f"exporting {args.checkpoint or args.model} ({args.part}) to {args.target.upper()} -> {out} …", file=sys.stderr, flush=True)
     with atomic_file_group(out.parent, out.stem, stale=group_names(out)) as staging, stdout_to_stderr():
         staged = staging / out.name
-        samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None else None
+        # input tuples of the part (a forward of the earlier parts per image): only for what uses them — TFLite's op
+        # output ranges (int) or drift figure (fp16), the ONNX ort format's output grids, and --validate
+        wanted = args.validate or args.target == "tflite" or (args.qdq_format or "exact").startswith("ort")
+        samples = validation_inputs(model, args.part, args.calib, args.images) if args.calib is not None and wanted else None
         options.calib_inputs, options.meta = samples, meta  # op output ranges (TFLite, ONNX ort); else the bundled faces (ort)
         report = backend.export(model, staged, options)
         if args.validate:
