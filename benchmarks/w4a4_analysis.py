@@ -400,8 +400,9 @@ def main() -> None:
             res["b"] = json.loads(cached.read_text()) if cached.is_file() else stage_b(args.model, calib, ana_lq, fp_ana)
         else:
             best = (res.get("b") or {}).get("best_act_observer") or {}
-            res["c"] = stage_c(args.model, calib, test_lq, fp_test, test_hq, best, args.train_steps, args.work,
-                               [x.strip() for x in args.settings.split(";")] if args.settings else None)
+            # rows of settings not run by this invocation stay as an earlier one recorded them
+            res["c"] = {**(res.get("c") or {}), **stage_c(args.model, calib, test_lq, fp_test, test_hq, best, args.train_steps,
+                                                          args.work, [x.strip() for x in args.settings.split(";")] if args.settings else None)}
             res["c_train_steps"] = args.train_steps
         if st in ("a", "b") and not cached.is_file():
             atomic_write_json(cached, res[st])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 # The presets `model init` offers, kept here so that --help imports no torch; a test checks that they are
 # toolchain.models.configs.PRESETS (in the same order).
-PRESET_NAMES = ("osdface", "ref", "tiny", "osediff", "osediff-tiny")
+PRESET_NAMES = ("osdface", "ref", "ref-l", "tiny", "osediff", "osediff-tiny")
 PRESET_HELP = ("architecture preset: " + ", ".join(PRESET_NAMES) +
-               " (osdface/ref/tiny: face restoration at the input size; osediff/osediff-tiny: x4 super-resolution)")
+               " (osdface/ref/ref-l/tiny: face restoration at the input size; osediff/osediff-tiny: x4 super-resolution)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

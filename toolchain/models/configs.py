@@ -10,6 +10,8 @@ Presets:
   * ``osdface`` – SD-2.1-base UNet + VAE and the upstream visual representation embedder (VRE),
     at the sizes of the released OSDFace model (for real checkpoints and GPU benchmarks).
   * ``ref``     – the project's small trained reference model (128×128 faces).
+  * ``ref-l``   – a larger reference model (28.6 M, 128×128) with SD-2.1's channel families (80/160/320,
+    feed-forward 640), to be trained on the GPU until its validation PSNR stops improving.
   * ``tiny``    – a random network that runs in well under a second on CPU (unit tests).
   * ``osediff`` – OSEDiff at SD-2.1-base sizes (128 px LR → 512 px; what `model import osediff` gives).
   * ``osediff-tiny`` – a random OSEDiff-kind network of the same size (unit tests).
@@ -216,6 +218,34 @@ def _ref() -> ModelConfig:
     )
 
 
+def _ref_l() -> ModelConfig:
+    """28.6 M parameters at 128 px with SD-2.1's Hadamard channel families.
+
+    UNet widths 80 / 160 / 320 (Paley order 80, 160 = 20⊗8, 320 = 20⊗16 as in SD-2.1's first level),
+    feed-forward widths 320 / 640 (GEGLU inner 4×), VAE 64 / 128 / 192 (192 = 12⊗16), cross-attention
+    width 320. Same block types as ``ref`` (attention in the first two UNet levels).
+    """
+    base = _ref()
+    unet = dict(base.unet, block_out_channels=[80, 160, 320], attention_head_dim=[1, 2, 4], cross_attention_dim=320,
+                norm_num_groups=16)
+    return ModelConfig(
+        name="ref-l",
+        image_size=128,
+        unet=unet,
+        vae=_sd_vae([64, 128, 192], layers=1, groups=32, size=128),
+        embedder=EmbedderConfig(
+            block_out_channels=(32, 64, 128, 128),
+            layers_per_block=1,
+            norm_num_groups=16,
+            z_channels=128,
+            codebook_size=512,
+            num_tokens=32,
+            proj_hidden=256,
+            cross_attention_dim=320,
+        ),
+    )
+
+
 def _tiny() -> ModelConfig:
     return ModelConfig(
         name="tiny",
@@ -262,7 +292,7 @@ def _osediff_tiny() -> ModelConfig:
                        alpha_bar=sd_alpha_bar(999), kind="osediff", upscale=4)
 
 
-PRESETS = {"osdface": _osdface, "ref": _ref, "tiny": _tiny, "osediff": _osediff, "osediff-tiny": _osediff_tiny}
+PRESETS = {"osdface": _osdface, "ref": _ref, "ref-l": _ref_l, "tiny": _tiny, "osediff": _osediff, "osediff-tiny": _osediff_tiny}
 
 
 def preset(name: str) -> ModelConfig:

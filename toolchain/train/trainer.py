@@ -16,6 +16,13 @@ uneven shards included. Without ``shardable`` every rank computes the whole batc
 are averaged (correct, no speed-up). Rank 0 alone writes checkpoints, ``history.json`` and shows
 progress; on resume it reads the checkpoint and broadcasts it, so every rank continues from the
 same state. Nothing of this runs in a single process.
+
+Validation-based stopping (``eval_every``/``patience``/``min_delta`` with a ``validate`` callable,
+higher scores better): rank 0 scores the model every ``eval_every`` steps, keeps a CPU copy of the
+best parameters in the checkpoint, and the run stops when ``patience`` scores in a row did not beat
+the best by more than ``min_delta``; ``restore_best()`` puts the best parameters back. Scores and
+the best step survive an interruption (``val_history.json``), so a resumed run stops where an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -52,6 +59,11 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     warmup: int = 0
     max_seconds: float | None = None  # stop early (checkpointed) when the wall-clock budget is spent
+    # validation-based stopping (needs ``validate``): score every ``eval_every`` steps (0: never); stop when
+    # ``patience`` scores in a row have not beaten the best by more than ``min_delta`` (0: never stop on it)
+    eval_every: int = 0
+    patience: int = 0
+    min_delta: float = 0.0
     # auto: capture forward+backward in a CUDA graph on CUDA for losses marked graphable; on | off
     # (default from the environment variable TOOLCHAIN_CUDA_GRAPH, e.g. =off to debug a step eagerly)
     cuda_graph: str = field(default_factory=lambda: os.environ.get("TOOLCHAIN_CUDA_GRAPH", "auto"))
@@ -113,6 +125,7 @@ class Trainer:
         param_groups: list[dict[str, Any]] | None = None,
         shardable: bool = False,
         graphable: bool = False,
+        validate: Callable[[], float] | None = None,
     ):
         self.params = params
         self.loss_fn = loss_fn
@@ -127,6 +140,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.history: list[dict[str, float]] = []
         self.step = 0
+        # validation: ``validate()`` returns a score (higher is better, e.g. held-out PSNR in dB), run on rank 0
+        self.validate = validate
+        if config.eval_every and validate is None:
+            raise ConfigError("eval_every needs a validate function")
+        self.val_history: list[dict[str, float]] = []
+        self.best: dict[str, Any] | None = None  # {"step", "score", "params" (CPU copies)}
+        self.stopped_early = False
         amp = config.amp
         if amp == "auto":
             amp = "bf16" if self.device.type == "cuda" else "off"
@@ -172,11 +192,18 @@ class Trainer:
             "history": json.dumps(self.history),
             "rng": _rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
+            "val_history": json.dumps(self.val_history),
+            "stopped_early": self.stopped_early,
         }
+        if self.best is not None:
+            state["best_step"], state["best_score"] = int(self.best["step"]), float(self.best["score"])
+            state["best_params"] = self.best["params"]
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.ckpt_path, buf.getvalue())
         atomic_write_json(self.workdir / "history.json", self.history)
+        if self.val_history:
+            atomic_write_json(self.workdir / "val_history.json", self.val_history)
 
     def _load_state(self) -> dict[str, Any] | None:
         if not self.ckpt_path.is_file():
@@ -211,8 +238,38 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = json.loads(state["history"])
         self.step = int(state["step"])
+        self.val_history = json.loads(state.get("val_history", "[]"))
+        self.stopped_early = bool(state.get("stopped_early", False))
+        if "best_params" in state:
+            self.best = {"step": int(state["best_step"]), "score": float(state["best_score"]), "params": state["best_params"]}
         _set_rng_state(state["rng"])
         return True
+
+    # -- validation ----------------------------------------------------------------------------
+    def _plateaued(self) -> bool:
+        """Score the model (rank 0), keep the best parameters, and say whether to stop (same answer on every rank)."""
+        stop = False
+        if D.is_main():
+            score = float(self.validate())
+            if not math.isfinite(score):
+                raise FloatingPointError(f"{self.desc}: validation score is {score} at step {self.step}")
+            self.val_history.append({"step": self.step, "score": score})
+            if self.best is None or score > self.best["score"] + self.cfg.min_delta:
+                self.best = {"step": self.step, "score": score, "params": {k: v.detach().cpu().clone() for k, v in self.params.items()}}
+            since = sum(1 for v in self.val_history if v["step"] > self.best["step"])
+            stop = bool(self.cfg.patience) and since >= self.cfg.patience
+            tqdm.write(f"{self.desc}: step {self.step} validation {score:.4f} (best {self.best['score']:.4f} at step {self.best['step']})")
+        return bool(D.broadcast_object(stop)) if D.active() else stop
+
+    def restore_best(self) -> int | None:
+        """Copy the best-validated parameters back into the model (rank 0's, to every rank); returns that step."""
+        best = D.broadcast_object(self.best) if D.active() else self.best
+        if best is None:
+            return None
+        with torch.no_grad():
+            for k, v in best["params"].items():
+                self.params[k].copy_(v.to(self.params[k]))
+        return int(best["step"])
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> list[dict[str, float]]:
@@ -227,7 +284,7 @@ class Trainer:
             D.broadcast_tensors(self.params.values())  # one starting point, whatever each rank computed before
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.desc, leave=False, disable=not main)
         t0 = time.perf_counter()
-        while self.step < self.cfg.steps:
+        while self.step < self.cfg.steps and not self.stopped_early:  # (a resumed run that had plateaued is done)
             batch = self.batch_fn(self.step)
             if self.graphed is None:
                 self.optimizer.zero_grad(set_to_none=True)  # (a graphed step zeroes its static grads itself)
@@ -264,8 +321,15 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             bar.update(1)
             out_of_time = stop if stop is not None else (self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time:
-                self.save()
+            plateau = bool(self.cfg.eval_every) and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps) and self._plateaued()
+            self.stopped_early = plateau  # (saved below: a rerun of a plateaued workdir trains no further)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time or plateau \
+                    or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
+                self.save()  # (after each validation too, so a resumed run never scores a step twice)
+            if plateau:
+                if main:
+                    tqdm.write(f"{self.desc}: no validation gain over {self.cfg.min_delta} in {self.cfg.patience} evaluations, stopping at step {self.step}")
+                break
             if out_of_time:
                 if main:
                     tqdm.write(f"{self.desc}: wall-clock budget of {self.cfg.max_seconds:.0f} s spent, stopping at step {self.step}")
