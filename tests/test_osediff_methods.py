@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolchain.methods.registry import METHODS
+from toolchain.quant.registry import METHODS
 
 # method → tiny-budget params. Measured mean |quantized − float| on [-1, 1] outputs (2 held-out images, one
 # calibration image; 2 CPU cores): minmax 0.029, smoothquant 0.037, svdquant 0.038, quantface 0.028,

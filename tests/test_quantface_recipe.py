@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_batches
 from toolchain.errors import ConfigError
 from toolchain.methods import MethodContext
-from toolchain.methods.registry import get_method
+from toolchain.quant.registry import get_method
 from toolchain.quant.api import quantize_
 from toolchain.quant.calibrate import prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
@@ -94,3 +94,21 @@ def test_per_kind_observer_sets_the_range_it_names(tiny_model):
     # a layer of another kind: min-max range of its own input
     mm = layers["unet.down_blocks.0.resnets.0.conv1"].input_quantizer
     assert mm.spec.observer == "minmax"
+
+
+def test_default_recipe_is_the_measured_best():
+    """The default is what benchmarks/results/w4a4_analysis_ref measured best at W4A4 on `ref`: per-layer
+    balance choice and the best activation observer per layer kind (stage b's table)."""
+    import json
+    from pathlib import Path
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/w4a4_analysis_ref/results.json").read_text())
+    best = res["b"]["best_act_observer"]
+    p = _params()
+    assert p["balance"] == "auto" and p["recipe"] == "default"
+    mapping = parse_kind_observers(p["observers"])
+    for kind, obs in best.items():
+        assert mapping.get(kind, mapping["*"]) == obs, kind
+    rows = res["c"]
+    default_row = rows["auto, rank 8+8, best observers"]["vs_fp"]["psnr"]
+    assert default_row > rows["paper (rotate-scale, rank 8+8, min-max)"]["vs_fp"]["psnr"] + 3.0

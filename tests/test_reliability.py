@@ -484,7 +484,7 @@ def test_param_values_take_the_type_of_the_method_parameter():
     assert _parse_params(["timestep_offsets=-100,0,100"], "qartsr") == {"timestep_offsets": [-100, 0, 100]}
     assert _parse_params(["timestep_offsets=[-50, 50]"], "qartsr") == {"timestep_offsets": [-50, 50]}
     assert _parse_params(["stages=unet"], "passionsr") == {"stages": ["unet"]}
-    from toolchain.methods.registry import get_method
+    from toolchain.quant.registry import get_method
 
     m = get_method("qartsr", {"timestep_offsets": [-50, 50]})
     assert m.params.timestep_offsets == (-50, 50)

@@ -31,7 +31,7 @@ from toolchain.eval.grid import save_grid
 from toolchain.io.atomic import atomic_write_json, atomic_write_text
 from toolchain.io.resume import prepare_workdir
 from toolchain.io.weights import load_tensors, save_tensors
-from toolchain.methods.registry import MethodContext
+from toolchain.quant.registry import MethodContext
 from toolchain.models.storage import load_model
 from toolchain.quant.api import quantize_
 from toolchain.quant.checkpoint import load_quantized, save_quantized

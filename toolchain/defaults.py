@@ -6,6 +6,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "weights" / "ref.safetensors"
 
 
+def resolve_model_path(path: Path | None) -> Path:
+    """``path``, or the bundled default model when None. Raises CheckpointError if the bundled file is missing."""
+    if path is not None:
+        return path
+    if not DEFAULT_MODEL.is_file():
+        from toolchain.errors import CheckpointError
+
+        raise CheckpointError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model PATH")
+    return DEFAULT_MODEL
+
+
 def device_from_arg(name: str | None) -> "torch.device":  # noqa: F821
     """'auto' picks CUDA when present; explicit names are validated against this machine.
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from toolchain.defaults import DEFAULT_MODEL
-from toolchain.errors import CheckpointError
+from toolchain.defaults import DEFAULT_MODEL, resolve_model_path  # noqa: F401  (re-exported for the verbs)
 
 
 def positive_int(text: str) -> int:
@@ -53,14 +52,6 @@ def add_runtime_args(p: argparse.ArgumentParser, distributed: bool = False) -> N
         batch = ("images per step (default 4); with --nproc-per-node N (or torchrun) this is the global batch, split "
                  "across the N processes (each takes about 1/N), so results match a 1-process run")
     p.add_argument("--batch-size", type=positive_int, default=4, help=batch)
-
-
-def resolve_model_path(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    if not DEFAULT_MODEL.is_file():
-        raise CheckpointError(f"the bundled default model {DEFAULT_MODEL} is missing; pass --model PATH")
-    return DEFAULT_MODEL
 
 
 def load_any_model(args: argparse.Namespace, device):

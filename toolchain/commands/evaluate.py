@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise OutputError(f"--out {args.out} is an existing file; eval writes a folder (report.json, grid.png)")
     with output_lock(args.out):
-        report = evaluate_to_folder(args)
+        report = evaluate_to_folder(args.data, args.checkpoint, args.out, model=args.model, preset=args.preset, metrics=args.metrics,
+                                    weights_dir=args.weights_dir, device=args.device, limit=args.limit, batch_size=args.batch_size,
+                                    accounting_size=args.accounting_size, grid_rows=args.grid_rows)
     import sys
 
     for name, why in report.get("skipped_metrics", {}).items():  # not only inside report.json

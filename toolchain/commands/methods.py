@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolchain.methods.registry import METHODS, param_defaults
+    from toolchain.quant.registry import param_defaults, registered_methods
 
-    table = {name: {"about": METHODS[name].summary_doc, "params": param_defaults(name)} for name in sorted(METHODS)}
+    table = {name: {"about": cls.summary_doc, "params": param_defaults(name)} for name, cls in registered_methods().items()}
     if args.json:
         print(json.dumps(table, indent=2, default=str))
     else:

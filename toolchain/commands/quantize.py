@@ -53,7 +53,7 @@ def _parse_params(items: list[str], method: str | None = None) -> dict:
             params[key] = value
         raw[key], labels[key] = value, f"--param {item}"
     if method is not None:
-        from toolchain.methods.registry import coerce_params, method_class
+        from toolchain.quant.registry import coerce_params, method_class
 
         params = coerce_params(method_class(method), params, labels, raw)
     return params
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def get_method_checked(args: argparse.Namespace) -> None:
-    from toolchain.methods.registry import get_method
+    from toolchain.quant.registry import get_method
 
     cfg = build_config(args)
     get_method(cfg.method, cfg.params)
@@ -163,7 +163,7 @@ def _run_locked(args: argparse.Namespace, model_path: Path, device) -> int:
 
     from calibration.dataset import CalibrationSet
     from toolchain.io.resume import prepare_workdir
-    from toolchain.methods.registry import MethodContext, get_method
+    from toolchain.quant.registry import MethodContext, get_method
     from toolchain.models.storage import load_model
     from toolchain.quant.api import quantize_
     from toolchain.quant.checkpoint import save_quantized

@@ -20,7 +20,7 @@ from toolchain.lowrank.compensate import attach_branches, fp_targets
 from toolchain.lowrank.branch import merge_branch
 from toolchain.methods.common import keep_first_last_8bit
 from toolchain.topology import topology_of
-from toolchain.methods.registry import MethodContext, QuantMethod, register_method
+from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import activation_quantizers, freeze_step_sizes

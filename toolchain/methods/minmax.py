@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolchain.methods.registry import MethodContext, QuantMethod, register_method
+from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model
 from toolchain.quant.config import QuantConfig
 

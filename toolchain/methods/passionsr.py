@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from toolchain.balance.stats import channel_axis, collect_input_absmax, weight_input_absmax
 from toolchain.balance.transform import OnlineBalance
 from toolchain.methods.common import keep_first_last_8bit, stage_data
-from toolchain.methods.registry import MethodContext, QuantMethod, register_method
+from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import BoundQuantizer

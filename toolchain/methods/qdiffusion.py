@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from toolchain.methods.common import frozen_copy
-from toolchain.methods.registry import MethodContext, QuantMethod, register_method
+from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import AdaRoundQuantizer, group_activation_ranges

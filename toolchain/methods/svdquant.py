@@ -18,7 +18,7 @@ from typing import Any
 from toolchain.balance.stats import collect_input_absmax
 from toolchain.balance.transform import BalanceConfig, _eligible, _layer_plan, apply_balancing, balance_report, fold_producers, select_by_output_error
 from toolchain.methods.balanced import calibrate
-from toolchain.methods.registry import MethodContext, QuantMethod, register_method
+from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
 

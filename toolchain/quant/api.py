@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from toolchain.methods.registry import MethodContext, get_method
+from toolchain.quant.registry import MethodContext, get_method
 from toolchain.quant.config import QuantConfig
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from torch import nn
 
 from toolchain.errors import CheckpointError
+from toolchain.quant.plugins import COMPONENT_GROUP, load_plugins
 
 Builder = Callable[[dict[str, Any], nn.Module], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
@@ -34,6 +35,5 @@ def build_component(desc: dict[str, Any], layer: nn.Module) -> nn.Module:
 
 
 def _ensure_registered() -> None:
-    # Importing the modules that define parts registers their builders.
-    import toolchain.balance.transform  # noqa: F401
-    import toolchain.lowrank.branch  # noqa: F401
+    # Importing the modules that define parts (entry points, toolchain.quant.plugins) registers their builders.
+    load_plugins(COMPONENT_GROUP)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolchain.quant.quantizer import QuantSpec, fake_quantize, qparams_from_range
+from toolchain.quant.grid import QuantSpec, fake_quantize, qparams_from_range
 
 _SUBSAMPLE = 1 << 20
 _RESERVOIR = 1 << 16

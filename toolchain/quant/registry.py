@@ -1,9 +1,14 @@
-"""Quantization methods registered by name.
+"""Quantization methods registered by name: the registry below the ``quantize_`` verb (as torchao's).
 
 A method is a class with a ``name``, a ``Params`` dataclass of its knobs (set from the config's
 ``params``; unknown keys are an error) and ``apply(model, config, ctx)``, which turns a float
 model into a calibrated fake-quant model in place. The CLI lists whatever is registered, so new
 methods need no CLI change.
+
+Methods register themselves with ``@register_method`` when their module is imported. Nothing in
+``toolchain.quant`` imports them: the modules to import are found through the installed package's
+entry points (group ``quantface.methods`` in pyproject.toml; the built-ins are ``toolchain.methods``),
+so a third-party package adds a method by declaring an entry point of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from toolchain.errors import ConfigError
 from toolchain.quant.config import QuantConfig
+from toolchain.quant.plugins import METHOD_GROUP, load_plugins
 
 
 @dataclass
@@ -181,14 +187,18 @@ def get_method(name: str, params: dict[str, Any] | None = None) -> QuantMethod:
 
 
 def method_class(name: str) -> type[QuantMethod]:
-    import toolchain.methods  # noqa: F401  (registers the built-in methods)
-
+    load_plugins(METHOD_GROUP)
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}' (available: {', '.join(sorted(METHODS))})")
     return METHODS[name]
 
 
-def param_defaults(name: str) -> dict[str, Any]:
-    import toolchain.methods  # noqa: F401
+def registered_methods() -> dict[str, type[QuantMethod]]:
+    """Every registered method by name (the built-ins and any installed plugin's), sorted by name."""
+    load_plugins(METHOD_GROUP)
+    return dict(sorted(METHODS.items()))
 
+
+def param_defaults(name: str) -> dict[str, Any]:
+    load_plugins(METHOD_GROUP)
     return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory()) for f in dataclasses.fields(METHODS[name].Params)}
