@@ -81,7 +81,7 @@ def main() -> None:
     from calibration import BUNDLED_FACES
     from calibration.dataset import CalibrationSet, build_calibration_set
     from export.onnx_backend import export_onnx
-    from toolchain.methods.registry import MethodContext
+    from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model
     from toolchain.models.release.osdface import import_osdface
     from toolchain.quant.api import quantize_

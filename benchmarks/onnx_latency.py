@@ -24,7 +24,7 @@ from calibration import BUNDLED_FACES  # noqa: E402
 from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
 from export.onnx_backend import export_onnx  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from toolchain.methods.registry import MethodContext  # noqa: E402
+from toolchain.quant.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, load_model, preset  # noqa: E402
 from toolchain.profile.host import profile_onnx  # noqa: E402
 from toolchain.quant.api import quantize_  # noqa: E402

@@ -35,7 +35,7 @@ def export(out: Path, bits: list[str], images: int) -> None:
     from calibration.dataset import CalibrationSet, build_calibration_set
     from export.onnx_backend import export_onnx
     from toolchain.defaults import DEFAULT_MODEL
-    from toolchain.methods.registry import MethodContext
+    from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model
     from toolchain.quant.api import quantize_
     from toolchain.quant.config import QuantConfig

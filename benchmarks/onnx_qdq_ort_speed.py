@@ -45,7 +45,7 @@ def main() -> None:
     from export.validate import compare
     from toolchain.defaults import DEFAULT_MODEL
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
-    from toolchain.methods.registry import MethodContext
+    from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model
     from toolchain.profile.cpu import cpu_isa
     from toolchain.quant.api import quantize_

@@ -32,7 +32,7 @@ from toolchain.balance.transform import BalanceConfig  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.lowrank.compensate import _branch_params, attach_branches, follow_trained_weights  # noqa: E402
 from toolchain.methods.balanced import balance_model  # noqa: E402
-from toolchain.methods.registry import MethodContext  # noqa: E402
+from toolchain.quant.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, preset  # noqa: E402
 from toolchain.quant import quantizer as Q  # noqa: E402
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model  # noqa: E402

@@ -36,7 +36,7 @@ from export.parts import part_inputs  # noqa: E402
 from export.tflite_backend import export_tflite, validate_tflite  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from toolchain.methods.registry import MethodContext  # noqa: E402
+from toolchain.quant.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, load_model, preset  # noqa: E402
 from toolchain.quant.api import quantize_  # noqa: E402
 from toolchain.quant.config import QuantConfig  # noqa: E402
