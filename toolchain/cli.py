@@ -24,7 +24,8 @@ import traceback
 from toolchain import __version__
 from toolchain.errors import ToolchainError
 
-VERBS = ["calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "compare", "model", "methods", "train_reference"]
+VERBS = ["run", "recipe", "calibrate", "quantize", "allocate", "export", "profile", "restore", "evaluate", "compare", "model", "methods",
+         "train_reference"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

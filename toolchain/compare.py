@@ -163,7 +163,7 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
             bits_label = bits.upper()
             if run.get("mp"):
                 from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
-                from toolchain.alloc.errors import error_table
+                from toolchain.alloc.error_table import error_table
                 from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
                 from toolchain.alloc.table import table_rules
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolchain.alloc.errors import cost
+from toolchain.alloc.error_table import cost
 from toolchain.alloc.plots import plot_bits, plot_sensitivity
 from toolchain.alloc.solver import solve
-from toolchain.alloc.table import average_bits, save_table
+from toolchain.alloc.table import average_bits, recipe_rules, save_table
 from toolchain.errors import ConfigError
+from toolchain.io.atomic import atomic_write_json
 
 
 @dataclass
@@ -82,6 +83,7 @@ def build_table(sensitivity: dict[str, Any], errors: dict[str, Any], settings: S
     }
     out.mkdir(parents=True, exist_ok=True)
     save_table(table, out / "mp_table.json")
+    atomic_write_json(out / "recipe_rules.json", recipe_rules(table))  # the same result as recipe rules
     if all("sensitivity_bits" in r for r in rows):
         plot_sensitivity(rows, out / "sensitivity.png", (sens_meta or {}).get("epsilon", 0.0), (sens_meta or {}).get("metric", "?"))
     plot_bits(rows, out / "bits.png", f"chosen activation bits (average A{table['average_a_bits']:.2f}, budget {settings.budget_bits or budget})")

@@ -55,6 +55,13 @@ def table_rules(table: dict[str, Any]):
     return [LayerRule(f"^{re.escape(l['name'])}$", l.get("w_bits"), l["a_bits"]) for l in table["layers"]]
 
 
+def recipe_rules(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table's per-layer bits as recipe rules (``{"match": "^name$", "w_bits", "a_bits"}``, the format of a
+    recipe's ``quantize[].rules``): what ``toolchain run`` adds to the run's rules, and what a user can paste."""
+    return [{"match": f"^{re.escape(l['name'])}$", **({"w_bits": l["w_bits"]} if l.get("w_bits") else {}), "a_bits": l["a_bits"]}
+            for l in table["layers"]]
+
+
 def average_bits(layers: list[dict[str, Any]]) -> float:
     """Activation bits averaged over activation elements (the paper's "A3.98")."""
     total = sum(l.get("elements", 1) for l in layers)

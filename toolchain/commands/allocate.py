@@ -147,7 +147,7 @@ def _run_locked(args: argparse.Namespace, out: Path, stages: tuple[str, ...] = (
         if not quiet:
             print(f"sensitivity: {len(res)} layers, metric {next(iter(res.values()))['metric'] if res else '-'} -> {out / 'sensitivity.json'}")
     if args.stage in ("errors", "all") and "errors" in stages:
-        from toolchain.alloc.errors import error_table
+        from toolchain.alloc.error_table import error_table
         from toolchain.defaults import device_from_arg
 
         bits = parse_bits(args.bits)

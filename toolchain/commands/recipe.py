@@ -1,0 +1,37 @@
+"""`toolchain recipe validate FILE`: check a recipe without running anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipe", help="check recipe files (the JSON that `toolchain run` executes)",
+                       description="Recipes fix a whole run: model, calibration, quantize runs (method, params, bits, "
+                                   "per-layer rules, allocation), exports and profiles. See README 'Recipes'.")
+    rsub = p.add_subparsers(dest="recipe_cmd", required=True)
+    v = rsub.add_parser("validate", help="check a recipe against the schema, the registered methods and their parameters",
+                        description="Check a recipe file against toolchain/schemas/recipe.schema.json, the registered methods "
+                                    "and each method's typed parameters, the bits, regexes and the references between sections. "
+                                    "Prints the stages `toolchain run` would execute (as JSON).",
+                        epilog="example: toolchain recipe validate benchmarks/recipes/demo.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("recipe", type=Path)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.recipe import load_recipe
+
+    r = load_recipe(args.recipe)
+    stages = ["calibrate"] + (["eval-set"] if r.evaluation else [])
+    for q in r.quantize:
+        stages += [f"quantize:{q.name}.base", f"allocate:{q.name}", f"quantize:{q.name}"] if q.allocate else [f"quantize:{q.name}"]
+    stages += (["eval"] if r.evaluation else []) + [f"export:{e.name}" for e in r.exports] + [f"profile:{p.export}" for p in r.profiles]
+    print(json.dumps({"recipe": str(args.recipe), "valid": True, "name": r.name,
+                      "quantize": {q.name: {"method": q.method, "bits": q.bits, "params": q.params, "rules": len(q.rules),
+                                            "allocate": q.allocate is not None} for q in r.quantize},
+                      "stages": stages + ["report"]}, indent=2, default=str))
+    return 0

@@ -1,0 +1,293 @@
+"""`toolchain run RECIPE --out DIR`: every stage of a recipe, each skipped when its artifact is current.
+
+Stages (in order): ``calibrate`` and ``eval-set`` (HQ/LQ sets), per quantize run ``quantize:NAME`` (with an
+allocation: ``quantize:NAME.base`` → ``allocate:NAME`` → ``quantize:NAME`` whose rules include the allocated
+bits), ``eval`` (metrics + grid of FP and every run), ``export:NAME``, ``profile:EXPORT``, ``report``
+(``report.json`` + ``report.html``). Each stage is the toolchain verb of the same name run in this process,
+so each behaves exactly as on the command line (own resume, atomic outputs, one ``error:`` line).
+
+A stage's key is the SHA-256 of its command line and of the content of its inputs (upstream artifacts,
+model file, image sources, the derived quant config). ``DIR/run_state.json`` records each finished stage's
+key and the fingerprint of its outputs; a stage is skipped when both still match, so a second run is a
+no-op and a changed recipe reruns exactly the stages it touches and those downstream. An interrupted run
+resumes: the unfinished stage reruns (verbs resume their own work folders) and finished ones are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+STATE = "run_state.json"
+RECIPE_COPY = "recipe.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a whole recipe: calibrate → quantize (→ allocate) → eval → export → profile → report.html",
+        description="Run every stage of a recipe file (see `toolchain recipe validate` and README 'Recipes'). Stages whose "
+                    "artifacts in --out are current are skipped; an interrupted run resumes when rerun.",
+        epilog="example: toolchain run benchmarks/recipes/demo.json --out demo_out",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", type=Path, help="recipe JSON file")
+    p.add_argument("--out", type=Path, required=True, help="run folder: new, empty, or an earlier run's folder")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and whether each would run, then stop")
+    p.set_defaults(func=run)
+
+
+# -- fingerprints ---------------------------------------------------------------------------------
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def fingerprint(path: Path | None) -> str:
+    """SHA-256 over a file's bytes, or over a folder's relative paths and file bytes; "absent" if missing."""
+    if path is None:
+        return "none"
+    h = hashlib.sha256()
+    if path.is_file():
+        _file_digest(path, h)
+    elif path.is_dir():
+        for f in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            _file_digest(f, h)
+    else:
+        return "absent"
+    return h.hexdigest()
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    inputs: list[Path | None]
+    outputs: list[Path]
+    prepare: Callable[[], None] | None = None  # writes derived inputs (e.g. a quant config) before the key is taken
+    action: Callable[[], None] | None = None  # in-process work instead of a verb (the report)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        h = hashlib.sha256(json.dumps(self.argv).encode())
+        for p in self.inputs:
+            h.update(b"\0" + fingerprint(p).encode())
+        return h.hexdigest()
+
+    def outputs_fingerprint(self) -> str:
+        return hashlib.sha256("".join(fingerprint(p) for p in self.outputs).encode()).hexdigest()
+
+
+# -- planning ---------------------------------------------------------------------------------------
+
+def plan(recipe, out: Path) -> list[Stage]:
+    """The stages of ``recipe`` writing under ``out``, in execution order."""
+    from toolchain.defaults import resolve_model_path
+
+    model = resolve_model_path(recipe.model_path)
+    preset = ["--preset", recipe.preset] if recipe.preset else []
+    dev = ["--device", recipe.device]
+    stages: list[Stage] = []
+
+    def image_set(name: str, folder: Path, s) -> Stage:
+        argv = ["calibrate", "-n", str(s.n), "--size", str(s.size), "--seed", str(s.seed), "--model", str(model), *preset,
+                "--out", str(folder)]
+        if s.source is not None:
+            argv[1:1] = ["--hq", str(s.source)]
+        return Stage(name, argv, [model, s.source], [folder])
+
+    calib = out / "calib"
+    stages.append(image_set("calibrate", calib, recipe.calibration))
+    eval_set = out / "eval_set"
+    if recipe.evaluation is not None:
+        stages.append(image_set("eval-set", eval_set, recipe.evaluation))
+
+    checkpoints: dict[str, Path] = {}
+    for r in recipe.quantize:
+        qdir = out / "quantize"
+
+        def quantize_stage(name: str, ckpt: Path, cfg_path: Path, extra_rules: Path | None, run=r) -> Stage:
+            def prepare() -> None:
+                from toolchain.io.atomic import atomic_write_text
+
+                allocated = json.loads(extra_rules.read_text()) if extra_rules is not None else []  # recipe-format rules
+                rules = [{"pattern": r["match"], "w_bits": r.get("w_bits"), "a_bits": r.get("a_bits"), "skip": r.get("skip", False)}
+                         for r in allocated]
+                text = run.quant_config(rules).to_json()
+                if not cfg_path.is_file() or cfg_path.read_text() != text:
+                    atomic_write_text(cfg_path, text)
+
+            argv = ["quantize", "--config", str(cfg_path), "--model", str(model), *preset, "--calib", str(calib),
+                    "--seed", str(recipe.seed), "--batch-size", str(recipe.batch_size), *dev, "--out", str(ckpt)]
+            if run.calib_limit:
+                argv[1:1] = ["--calib-limit", str(run.calib_limit)]
+            return Stage(name, argv, [model, calib, cfg_path, extra_rules], [ckpt], prepare=prepare)
+
+        if r.allocate is not None:
+            base = qdir / f"{r.name}.base"
+            stages.append(quantize_stage(f"quantize:{r.name}.base", base, qdir / f"{r.name}.base.config.json", None))
+            adir = out / "allocate" / r.name
+            a = r.allocate
+            argv = ["allocate", "all", "--checkpoint", str(base), "--calib", str(calib), "--out", str(adir), "--images", str(a.images),
+                    "--metric", a.metric, "--epsilon", str(a.epsilon), "--bits", ",".join(map(str, a.candidate_bits)),
+                    "--budget-bits", str(a.budget_bits), "--cost", a.cost, "--device", recipe.device,
+                    *[x for m, b in a.pins for x in ("--pin", f"{m}={b}")]]
+            stages.append(Stage(f"allocate:{r.name}", argv, [base, calib], [adir / "mp_table.json", adir / "recipe_rules.json"]))
+            rules_file = adir / "recipe_rules.json"
+        else:
+            rules_file = None
+        ckpt = qdir / r.name
+        stages.append(quantize_stage(f"quantize:{r.name}", ckpt, qdir / f"{r.name}.config.json", rules_file))
+        checkpoints[r.name] = ckpt
+
+    if recipe.evaluation is not None:
+        ev = out / "eval"
+        argv = ["eval", "--data", str(eval_set), "--model", str(model), *preset, "--metrics", ",".join(recipe.metrics),
+                "--grid-rows", str(recipe.grid_rows), "--batch-size", str(recipe.batch_size), *dev, "--out", str(ev)]
+        for r in recipe.quantize:
+            argv += ["--checkpoint", str(checkpoints[r.name])]
+        stages.append(Stage("eval", argv, [model, eval_set, *checkpoints.values()], [ev / "report.json", ev / "grid.png"]))
+
+    exports: dict[str, Path] = {}
+    for e in recipe.exports:
+        path = out / "export" / e.filename
+        src = ["--model", str(model), *preset] if e.source == "fp" else [str(checkpoints[e.source])]
+        argv = ["export", *src, "--target", e.target, "--part", e.part, "--calib", str(calib), "--out", str(path)]
+        if e.validate:
+            argv += ["--validate", "--images", str(e.images)]
+        for k, v in e.options.items():
+            flag = "--" + k.replace("_", "-")
+            argv += [flag] if v is True else ([] if v is False else [flag, str(v)])
+        stages.append(Stage(f"export:{e.name}", argv, [model if e.source == "fp" else checkpoints[e.source], calib],
+                            [path, Path(str(path) + ".json")]))
+        exports[e.name] = path
+
+    for p in recipe.profiles:
+        pdir = out / "profile" / p.export
+        argv = ["profile", str(exports[p.export]), "--out", str(pdir), "--threads", str(p.threads), "--runs", str(p.runs),
+                "--warmup", str(p.warmup)]
+        if not p.xnnpack:
+            argv.append("--no-xnnpack")
+        if p.adb:
+            argv += ["--adb", "--delegate", p.adb.get("delegate", "xnnpack")]
+            for k in ("serial", "adb_path", "device_dir"):
+                if k in p.adb:
+                    argv += ["--" + k.replace("_", "-"), str(p.adb[k])]
+        stages.append(Stage(f"profile:{p.export}", argv, [exports[p.export]], [pdir / "profile.json"]))
+
+    def write_report() -> None:
+        from toolchain.eval.html_report import write_run_report
+
+        write_run_report(out, recipe.raw, [s.name for s in stages if s.name != "report"])
+
+    upstream = [q for s in stages for q in s.outputs]
+    stages.append(Stage("report", ["report"], [out / RECIPE_COPY, *upstream], [out / "report.json", out / "report.html"],
+                        action=write_report))
+    return stages
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+def _load_state(out: Path) -> dict[str, Any]:
+    path = out / STATE
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+            raise ValueError("not a run state")
+        return state
+    except (ValueError, UnicodeDecodeError):
+        from toolchain.io.atomic import atomic_write_json
+
+        atomic_write_json(path, {"stages": {}})  # unreadable bookkeeping only means every stage is checked again
+        return {"stages": {}}
+
+
+def _check_out(out: Path, recipe_path: Path) -> None:
+    from toolchain.errors import OutputError
+    from toolchain.io.outputs import check_not_input
+
+    check_not_input(out, [recipe_path], replaced_whole=False)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is an existing file; `toolchain run` writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / STATE).is_file():
+        raise OutputError(f"--out {out} is a non-empty folder that no `toolchain run` wrote; give a new or empty folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolchain.cli import main as cli_main
+    from toolchain.io.atomic import atomic_write_json
+    from toolchain.io.outputs import output_lock
+    from toolchain.recipe import load_recipe
+    from tqdm.auto import tqdm
+
+    recipe = load_recipe(args.recipe)
+    out = args.out
+    _check_out(out, args.recipe)
+    if args.dry_run:
+        stages = plan(recipe, out)
+        state = _load_state(out) if out.is_dir() else {"stages": {}}
+        for s in stages:  # (a dry run writes nothing: derived quant configs are compared at the real run)
+            done = state["stages"].get(s.name)
+            current = bool(done) and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint()
+            print(f"{'up to date' if current else 'would run':>10}  {s.name}: toolchain {' '.join(s.argv)}" if s.action is None
+                  else f"{'up to date' if current else 'would run':>10}  {s.name}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        raw_text = json.dumps(recipe.raw, indent=2, sort_keys=True)
+        if not (out / RECIPE_COPY).is_file() or (out / RECIPE_COPY).read_text() != raw_text:
+            from toolchain.io.atomic import atomic_write_text
+
+            atomic_write_text(out / RECIPE_COPY, raw_text)
+        stages = plan(recipe, out)
+        state = _load_state(out)
+        t_all = time.perf_counter()
+        ran, skipped = [], []
+        bar = tqdm(stages, desc="toolchain run", unit="stage", position=0, leave=True, file=sys.stderr)
+        for s in bar:
+            bar.set_postfix_str(s.name)
+            if s.prepare is not None:
+                s.prepare()
+            key = s.key()
+            done = state["stages"].get(s.name)
+            if done and done.get("key") == key and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint():
+                skipped.append(s.name)
+                continue
+            state["stages"].pop(s.name, None)  # not current until it finishes again
+            atomic_write_json(out / STATE, state)
+            t0 = time.perf_counter()
+            tqdm.write(f"run: {s.name}" + ("" if s.action else f": toolchain {' '.join(s.argv)}"), file=sys.stderr)
+            if s.action is not None:
+                s.action()
+            else:
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries run's own JSON summary only
+                    rc = cli_main(s.argv)
+                if rc != 0:
+                    bar.close()
+                    print(f"note: stage {s.name} stopped (exit {rc}); rerun `toolchain run {args.recipe} --out {out}` to resume "
+                          f"from it", file=sys.stderr)
+                    return rc
+            missing = [str(p) for p in s.outputs if not p.exists()]
+            if missing:
+                from toolchain.errors import ToolchainError
+
+                raise ToolchainError(f"stage {s.name} finished without writing {', '.join(missing)}")
+            state["stages"][s.name] = {"key": key, "outputs": s.outputs_fingerprint(), "seconds": round(time.perf_counter() - t0, 2),
+                                       "argv": s.argv}
+            atomic_write_json(out / STATE, state)
+            ran.append(s.name)
+        bar.close()
+    summary = {"out": str(out), "ran": ran, "skipped": skipped, "seconds": round(time.perf_counter() - t_all, 2),
+               "report": str(out / "report.html")}
+    print(json.dumps(summary))
+    return 0
