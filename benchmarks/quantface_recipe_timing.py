@@ -95,7 +95,7 @@ def mixed_precision_stages(st: Stages, model, qcfg, calib: Path, args, device: t
     the recipe orders them), then each activation quantizer re-gridded to its allocated bits."""
     from toolchain.alloc.allocate import SolveSettings, build_table
     from toolchain.alloc.common import activation_layers, quantizer_at_bits
-    from toolchain.alloc.errors import error_table
+    from toolchain.alloc.error_table import error_table
     from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
 
     try:
