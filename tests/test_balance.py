@@ -141,7 +141,7 @@ def test_online_transform_matches_its_description(tiny_model_path, tmp_path):
     from toolchain.models import load_model
 
     model = load_model(tiny_model_path)
-    cfg = QuantConfig.for_bits("quantface", "w4a4", params={"svd_rank": 0, "lora_rank": 0, "train_steps": 0})
+    cfg = QuantConfig.for_bits("quantface", "w4a4", params={"recipe": "paper", "svd_rank": 0, "lora_rank": 0, "train_steps": 0})
     summary = quantize_(model, cfg, MethodContext(tiny_batches(2)))
     assert summary["balance"]["unrotated_for_lack_of_hadamard"] == ["vae.encoder.conv_in"]
     layers = dict(quant_layers(model))

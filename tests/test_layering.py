@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("toolchain", "toolchain.errors", "toolchain.defaults", "toolchain.topology", "toolchain.distributed", "toolchain.io"),
     ("toolchain.models", "calibration", "toolchain.profile", "toolchain.pipeline"),
     ("toolchain.quant",),  # the fake-quant core and the registries below the quantize_ verb
+    ("toolchain.recipe",),  # recipe files, checked against the registries
     ("toolchain.balance",),
     ("toolchain.eval",),
     ("toolchain.train",),

@@ -76,8 +76,12 @@ class Stage:
     action: Callable[[], None] | None = None  # in-process work instead of a verb (the report)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def key(self) -> str:
-        h = hashlib.sha256(json.dumps(self.argv).encode())
+    def key(self, out: Path) -> str:
+        """Independent of where the run folder and the inputs are: paths under ``out`` are written relative to it and
+        input paths by position (their content is hashed below), so a moved or copied run folder stays current."""
+        named = {str(p): f"<input {i}>" for i, p in enumerate(self.inputs) if p is not None}
+        argv = [named.get(a, a.replace(str(out), "$OUT")) for a in self.argv]
+        h = hashlib.sha256(json.dumps(argv).encode())
         for p in self.inputs:
             h.update(b"\0" + fingerprint(p).encode())
         return h.hexdigest()
@@ -258,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(s.name)
             if s.prepare is not None:
                 s.prepare()
-            key = s.key()
+            key = s.key(out)
             done = state["stages"].get(s.name)
             if done and done.get("key") == key and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint():
                 skipped.append(s.name)
