@@ -145,9 +145,14 @@ def _run_locked(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
                                       "scale_mismatches", "weight_grid_mismatches", "spatial_multiple",
                                       "qdq_format", "ort_layers", "ort_fused_nodes", "precision", "fp16_vs_fp32", "float_weights",
-                                      "float16_layers") if k in report}
+                                      "float16_layers", "signature_mismatches") if k in report}
+    if "signatures" in report:  # a one-file pipeline: its signatures (TFLite) or stages (ONNX) and their input shapes
+        summary["signatures"] = {k: v["inputs"] for k, v in report["signatures"].items()}
     if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
-        summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
+        summary["validation"] = {k: v for k, v in report["validation"].items() if k not in ("per_image", "signatures")}
+        if "signatures" in report["validation"]:
+            summary["validation"]["signatures"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_image"}
+                                                   for k, v in report["validation"]["signatures"].items()}
     print(json.dumps(summary))
     return 0
 
