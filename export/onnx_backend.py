@@ -122,13 +122,11 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
                                                 "quantface_spatial_multiple": str(report["spatial_multiple"]),
                                                 "quantface_pads_to_multiple": str(padded).lower()})
         if pipeline:
-            from export.pipeline import STAGES_KEY, onnx_stage_table, stage_example_inputs
+            from export.pipeline import STAGES_KEY, onnx_stage_table
 
             table = onnx_stage_table(desc.module)
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, STAGES_KEY: json.dumps(table)})
-            examples = stage_example_inputs(desc.module)
-            report["signatures"] = {k: {"part": v["part"], "inputs": {n: list(examples[n].shape) for n in v["inputs"]},
-                                        "output": v["outputs"][0]} for k, v in table.items()}
+            report["signatures"] = {k: {"part": v["part"], "inputs": v["shapes"], "output": v["outputs"][0]} for k, v in table.items()}
         external = save_checked(proto, Path(tmp) / out.name)
         files = move_group(Path(tmp), out)
     if fused_format:

@@ -138,8 +138,11 @@ def onnx_output_names(model: nn.Module) -> list[str]:
 
 
 def onnx_stage_table(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Stage → {"part", "inputs", "outputs"} of the ONNX pipeline graph (written to its metadata)."""
-    return {name: {"part": part, "inputs": list(ins), "outputs": [out]} for name, (part, ins, out) in signatures_of(model).items()}
+    """Stage → {"part", "inputs", "outputs", "shapes": {tensor: shape}} of the ONNX pipeline graph (written to its
+    metadata; the shapes are the fixed export shapes, which shape inference loses on intermediate tensors)."""
+    examples = stage_example_inputs(model)
+    return {name: {"part": part, "inputs": list(ins), "outputs": [out], "shapes": {n: list(examples[n].shape) for n in ins}}
+            for name, (part, ins, out) in signatures_of(model).items()}
 
 
 def onnx_stages(proto_or_session) -> dict[str, dict[str, Any]] | None:
@@ -167,6 +170,13 @@ def onnx_stage(model_or_path, stage: str):
         raise ExportError(f"unknown stage '{stage}' (this pipeline has {', '.join(stages)})")
     spec = stages[stage]
     sub = Extractor(proto).extract_model(spec["inputs"], spec["outputs"])
+    for value in sub.graph.input:  # the stage's fixed input shape (intermediate tensors come out of shape inference symbolic)
+        shape = spec.get("shapes", {}).get(value.name)
+        if shape:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape:
+                dims.add().dim_value = int(d)
     sub.functions.extend(f for f in proto.functions if f.name not in {g.name for g in sub.functions})
     del sub.opset_import[:]
     sub.opset_import.extend(proto.opset_import)
