@@ -148,12 +148,18 @@ def test_profile_reports_every_tflite_signature(tflite_pipeline, tmp_path, capfd
     assert report["signature"] == "restore" and report["signatures"]["unet"]["inputs"] == {"z_latent": [1, 4, 16, 16], "prompt": [1, 8, 32]}
 
 
-def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(w8a8, calib_dir, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def onnx_pipeline(w8a8, calib_dir):
+    out = w8a8 / "pipe.onnx"
+    assert main(["export", str(w8a8 / "ck"), "--target", "onnx", "--out", str(out), "--calib", str(calib_dir), "--images", "2",
+                 "--validate"]) == 0
+    return out
+
+
+def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(onnx_pipeline, w8a8, calib_dir):
     """One ONNX graph: the stage tensors are named outputs, each stage cut out of the file (onnx_stage) runs in ORT on
     its own against its PyTorch part (with the float16-stored float layers rounded alike), and the cut-out stages
     chained give the full graph's output."""
-    import onnxruntime as ort
-
     from export.onnx_backend import FLOAT16_LAYERS_KEY
     from export.parts import part_module
     from export.pipeline import onnx_stage, signature_inputs
@@ -162,9 +168,7 @@ def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(w8a8, calib_
     from export.validate import compare
     from toolchain.quant.checkpoint import load_quantized
 
-    out = tmp_path / "pipe.onnx"
-    assert main(["export", str(w8a8 / "ck"), "--target", "onnx", "--out", str(out), "--calib", str(calib_dir), "--images", "2",
-                 "--validate"]) == 0
+    out = onnx_pipeline
     full = ort_session(out, threads=2)
     assert [o.name for o in full.get_outputs()] == ["restored_image", "z_latent", "prompt", "x0_latent"]
     model, _ = load_quantized(w8a8 / "ck")
@@ -193,6 +197,15 @@ def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(w8a8, calib_
         assert np.abs(chained - restored).max() <= 1e-6 and np.abs(z2 - z).max() <= 1e-6 and np.abs(x2 - x0).max() <= 1e-6
     v = json.loads(Path(str(out) + ".json").read_text())["validation"]
     assert set(v["signatures"]) == set(STAGES) and v["stage_chain"]["max_abs_error"] <= 1e-6 and v["psnr_db_min"] >= 25.0
+
+
+def test_onnx_pipeline_profile_per_stage_and_fixed_shape_refusal(onnx_pipeline, tmp_path, capfd):
+    import onnxruntime as ort
+
+    from export.qdq.runtime import ort_session
+
+    out = onnx_pipeline
+    full = ort_session(out, threads=2)
     capfd.readouterr()
     assert main(["profile", str(out), "--threads", "1", "--runs", "2", "--warmup", "1", "--out", str(tmp_path / "p")]) == 0
     assert list(json.loads(capfd.readouterr().out.strip().splitlines()[-1])["signatures_median_ms"]) == STAGES

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the export (TFLite: also <stem>_float.tflite, <stem>.precision.json) are replaced together or not at all; "
                         "an existing file that no earlier export wrote needs --overwrite")
     add_overwrite_arg(p)
-    p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
+    p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default: one file that also holds each stage — TFLite signatures restore, "
+                        "vae_encoder, embedder, unet, vae_decoder; ONNX: the stage tensors as named outputs, stages cut out "
+                        "with export.pipeline.onnx_stage) or one stage")
     p.add_argument("--dynamic", action="store_true",
                    help="ONNX: dynamic batch and spatial size. The UNet's skip concatenations need height and width to be "
                         "multiples of the model's total downsampling (full: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, "
