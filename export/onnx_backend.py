@@ -83,6 +83,14 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
     float16_layers = store_float_weights_fp16(desc.module) if float_weights == "fp16" else []
     wrapped, inputs, in_names, out_names = part_module(desc.module, options.part)
     ort_report = _ort_format(desc, wrapped, model, options) if fused_format else {}
+    # --part full: one graph for the whole pipeline with the stage tensors as named extra outputs and the stage table in
+    # the metadata (export/pipeline.py); a --dynamic export keeps the single-output graph (its crop back to the input
+    # size ties the decoder to the input's shape, so the decoder stage could not be cut out on its own)
+    pipeline = options.part == "full" and not options.dynamic
+    if pipeline:
+        from export.pipeline import OnnxPipeline, onnx_output_names
+
+        wrapped, out_names = OnnxPipeline(desc.module).eval(), onnx_output_names(desc.module)
     padded = False
     axes = {}
     if options.dynamic:  # any height/width: pad to the multiple the skip Concats need, crop back (export.parts)
@@ -113,6 +121,12 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                                 "quantface_spatial_multiple": str(report["spatial_multiple"]),
                                                 "quantface_pads_to_multiple": str(padded).lower()})
+        if pipeline:
+            from export.pipeline import STAGES_KEY, onnx_stage_table
+
+            table = onnx_stage_table(desc.module)
+            onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, STAGES_KEY: json.dumps(table)})
+            report["signatures"] = {k: {"part": v["part"], "inputs": v["shapes"], "output": v["outputs"][0]} for k, v in table.items()}
         external = save_checked(proto, Path(tmp) / out.name)
         files = move_group(Path(tmp), out)
     if fused_format:
@@ -141,16 +155,43 @@ def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: I
     sessions = {"default": ort_session(path, threads), "no_optimizations": ort_session(path, threads, optimize=False)}
     float16 = json.loads(sessions["default"].get_modelmeta().custom_metadata_map.get(FLOAT16_LAYERS_KEY, "[]"))
     reference = with_float16_weights(model, float16) if float16 else model
-    names = [i.name for i in sessions["default"].get_inputs()]
 
-    def runner(sess):
-        return lambda inp: sess.run(None, {n: t.numpy() for n, t in zip(names, inp)})[0]
+    def runner(sess, names=None):
+        names = names or [i.name for i in sess.get_inputs()]
+        first = sess.get_outputs()[0].name
+        return lambda inp: sess.run([first], {n: t.numpy() for n, t in zip(names, inp)})[0]
 
     threads_used = threads or sessions["default"].get_session_options().intra_op_num_threads or "ORT default (physical cores)"
     extra = {"ort_threads": threads_used, "float16_layers": len(float16)}
     if float16:
         extra["reference"] = "the PyTorch model with its float (not quantized) layers' weights rounded to float16, as the file stores them"
-    return validate_runs({k: runner(s) for k, s in sessions.items()}, reference, part, inputs, "onnx", extra)
+    summary = validate_runs({k: runner(s) for k, s in sessions.items()}, reference, part, inputs, "onnx", extra)
+    from export.pipeline import onnx_stage, onnx_stages, signature_inputs, RESTORE
+
+    stages = onnx_stages(sessions["default"]) if part == "full" else None
+    if not stages:
+        return summary
+    # a pipeline file: every stage cut out of it (what an ORT Mobile / NPU user runs per stage) vs its PyTorch part
+    proto = onnx.load(str(path))
+    per_stage = signature_inputs(reference, [inp[0] for inp in inputs])
+    stage_sessions, results = {}, {RESTORE: summary}
+    for key, spec in stages.items():
+        if key == RESTORE:
+            continue
+        data = onnx_stage(proto, key).SerializeToString()
+        stage_sessions[key] = {"default": ort_session(data, threads), "no_optimizations": ort_session(data, threads, optimize=False)}
+        results[key] = validate_runs({k: runner(s, spec["inputs"]) for k, s in stage_sessions[key].items()}, reference, spec["part"],
+                                     per_stage[key], "onnx")
+    summary = dict(summary)
+    summary["signatures"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("note", "cpu")} for k, v in results.items()}
+    from export.pipeline import signatures_of
+    from export.tflite_backend import stage_chain_check
+    from export.validate import compare
+
+    runners = {k: runner(v["default"], stages[k]["inputs"]) for k, v in stage_sessions.items()}
+    runners[RESTORE] = runner(sessions["default"])
+    summary["stage_chain"] = stage_chain_check(runners, signatures_of(model), [inp[0] for inp in inputs], compare)
+    return summary
 
 
 class OnnxBackend:

@@ -42,6 +42,7 @@ from export.litert.metadata import METADATA_KEY, add_metadata
 from export.litert.recipe import quantize_with_checkpoint_ranges
 from export.litert.runtime import tflite_runner
 from export.parts import part_module
+from export.pipeline import RESTORE, convert_signatures, signature_inputs, signatures_of, stage_example_inputs
 from export.prepare import export_module
 from toolchain.errors import ExportError
 from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
@@ -63,11 +64,17 @@ def export_tflite(model: torch.nn.Module, out: str | Path, options: ExportOption
     desc = export_module(model, "float")
     module = desc.module
     wrapped, inputs, in_names, _ = part_module(module, part)
-    float_bytes = convert_float(wrapped, inputs)
+    pipeline = part == "full"  # one file: the `restore` signature and one per stage (export/pipeline.py)
+    signatures = signatures_of(module) if pipeline else {}
+    float_bytes = convert_signatures(module) if pipeline else convert_float(wrapped, inputs)
     float_path = out.with_name(out.stem + "_float.tflite")
     atomic_write_bytes(float_path, float_bytes)
     report: dict[str, Any] = {"target": "tflite", "path": str(out), "float_path": str(float_path), "part": part, "float_bytes": len(float_bytes),
                               "precision": options.precision}
+    if pipeline:
+        examples = stage_example_inputs(module)
+        report["signatures"] = {name: {"part": p, "inputs": {n: list(examples[n].shape) for n in ins}, "output": o}
+                                for name, (p, ins, o) in signatures.items()}
     if options.precision == "fp16":
         return _export_fp16(float_bytes, out, report, options, inputs, t0)
     executed, constant = layer_usage(module, wrapped, inputs)
@@ -78,8 +85,14 @@ def export_tflite(model: torch.nn.Module, out: str | Path, options: ExportOption
         return report
     if not options.calib_inputs:
         raise ExportError("an integer TFLite export needs calibration images for the op outputs (--calib)")
-    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, wrapped, layers, options.calib_inputs, constant,
-                                                   options.weight_container)
+    subgraph_layers = constants = None
+    if pipeline:  # per signature (= subgraph, in order) the layers it runs and those folded to constants there
+        usage = [(executed, constant) if p == "full" else layer_usage(module, part_module(module, p)[0], part_module(module, p)[1])
+                 for p, _, _ in signatures.values()]
+        subgraph_layers, constants = [u[0] for u in usage], [u[1] for u in usage]
+    qbytes, plan = quantize_with_checkpoint_ranges(float_bytes, module, wrapped, layers, options.calib_inputs,
+                                                   constants if pipeline else constant, options.weight_container,
+                                                   subgraph_layers=subgraph_layers)
     table = read_back(qbytes, plan, layers, module)
     folded = sorted(set(n for n, s in layers.items() if s.act is not None) - set(plan))
     fallbacks = [n for n, r in table.items() if not r.get("integer")]
@@ -103,6 +116,10 @@ def export_tflite(model: torch.nn.Module, out: str | Path, options: ExportOption
                    "weight_grid_mismatches": [n for n, r in table.items() if r.get("weight_grid_matches") is False],
                    "int4_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int4"),
                    "int8_weight_layers": sum(1 for r in table.values() if r.get("executed_weight") == "int8")})
+    if pipeline:  # the same designed layer in several signatures must be the same integer op in each
+        report["ops_by_signature"] = {name: op_census(qbytes, k) for k, name in enumerate(signatures)}
+        report["signature_mismatches"] = [n for n, r in table.items() if r.get("same_in_every_signature") is False]
+        report["layers_in_several_signatures"] = sum(1 for r in table.values() if r.get("signatures", 1) > 1)
     return report
 
 
@@ -143,12 +160,51 @@ def _annotate_table(mp_table: str | os.PathLike, table: dict[str, dict[str, Any]
 def validate_tflite(path: str | Path | bytes, model: torch.nn.Module, part: str, inputs: Inputs) -> dict[str, Any]:
     """The TFLite file in LiteRT's default interpreter (``xnnpack``, as apps run it) and with its built-in
     kernels alone (``builtin_kernels``) vs the PyTorch fake-quant model and full precision
-    (export/validate.py: validate_runs)."""
-    from export.validate import validate_runs
+    (export/validate.py: validate_runs).
+
+    A pipeline file (``part="full"``, ``inputs`` = LQ image tuples): the top-level figures are the ``restore``
+    signature's; ``signatures`` holds the same comparison for every signature, each on the inputs its stage sees
+    in the PyTorch fake-quant pipeline (export/pipeline.py: signature_inputs) against that PyTorch part; and
+    ``stage_chain`` compares the stage signatures run one after another in LiteRT (each fed the previous one's
+    LiteRT output) with the ``restore`` signature (psnr_db / max_abs_error per image, worst over images)."""
+    from export.validate import compare, validate_runs
 
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
-    runs = {"xnnpack": tflite_runner(data), "builtin_kernels": tflite_runner(data, xnnpack=False)}
-    return validate_runs(runs, model, part, inputs, "tflite")
+    name = Path(path).name if not isinstance(path, bytes) else "model"
+    from ai_edge_litert.interpreter import Interpreter
+
+    keys = list(Interpreter(model_content=data).get_signature_list())
+    if part != "full" or RESTORE not in keys:
+        runs = {"xnnpack": tflite_runner(data, name=name), "builtin_kernels": tflite_runner(data, xnnpack=False, name=name)}
+        return validate_runs(runs, model, part, inputs, "tflite")
+    sigs = signatures_of(model)
+    per_sig = signature_inputs(model, [inp[0] for inp in inputs])
+    results = {}
+    for key, (p, _, _) in sigs.items():
+        runs = {"xnnpack": tflite_runner(data, signature=key, name=name),
+                "builtin_kernels": tflite_runner(data, xnnpack=False, signature=key, name=name)}
+        results[key] = validate_runs(runs, model, p, per_sig[key], "tflite")
+    summary = dict(results[RESTORE])
+    summary["signatures"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("note", "cpu")} for k, v in results.items()}
+    summary["stage_chain"] = stage_chain_check({k: tflite_runner(data, signature=k, name=name) for k in sigs}, sigs,
+                                               [inp[0] for inp in inputs], compare)
+    return summary
+
+
+def stage_chain_check(runners: dict[str, Any], sigs: dict[str, tuple[str, tuple[str, ...], str]], images: list[torch.Tensor],
+                      compare) -> dict[str, Any]:
+    """Run the stage signatures one after another (each fed the previous ones' outputs, by tensor name) and compare
+    the result with the ``restore`` runner on the same images: {"images", "psnr_db_min", "max_abs_error"}."""
+    rows = []
+    for image in images:
+        tensors = {"lq_image": image}
+        for key, (_, ins, out) in sigs.items():
+            if key != RESTORE:
+                tensors[out] = torch.from_numpy(np.asarray(runners[key](tuple(tensors[n] for n in ins)), np.float32))
+        rows.append(compare(tensors[sigs[RESTORE][2]].numpy(), runners[RESTORE]((image,)), True))
+    return {"images": len(rows), "psnr_db_min": min(min(r["psnr_db"], 150.0) for r in rows),
+            "max_abs_error": max(r["max_abs_error"] for r in rows),
+            "note": "stage signatures chained (vae_encoder, embedder -> unet -> vae_decoder) vs the restore signature"}
 
 
 class TfliteBackend:

@@ -3,6 +3,8 @@ ranges, op output ranges from the PyTorch float flavour."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from typing import Any
 
@@ -74,18 +76,46 @@ def output_ranges(module: torch.nn.Module, wrapped: torch.nn.Module, calib_input
             layer.output_range = None
 
 
+class _SharedBufferNote(logging.Filter):
+    """Drops ai-edge-quantizer's "is overriding other previously quantized data in buffer" warning: in a pipeline file
+    every weight shared by two signatures is quantized once per signature with the same recipe (the same data), and
+    write_checkpoint_weights then writes the checkpoint's integers into that one buffer anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "overriding other previously quantized data" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _shared_buffer_notes_silenced():
+    note = _SharedBufferNote()
+    logging.getLogger().addFilter(note)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(note)
+
+
 def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module, wrapped: torch.nn.Module,
                                     layers: dict[str, LayerSpec], calib_inputs: list[tuple[torch.Tensor, ...]],
-                                    constant: set[str], weight_container: str = "auto") -> tuple[bytes, dict[str, Any]]:
+                                    constant: set[str] | list[set[str]], weight_container: str = "auto",
+                                    subgraph_layers: list[set[str]] | None = None) -> tuple[bytes, dict[str, Any]]:
     """The integer TFLite: an exact-scope ai-edge-quantizer recipe per quantized layer found in ``float_bytes``
     (input range = the checkpoint's designed grid, output range from the PyTorch float flavour on
-    ``calib_inputs``), then the checkpoint's own weight integers and scales written back. Returns (bytes,
-    plan: layer → op tensors, containers and the converter's folded factor)."""
+    ``calib_inputs`` run through ``wrapped``), then the checkpoint's own weight integers and scales written back.
+    Returns (bytes, plan: layer → op tensors, containers and the converter's folded factor, and ``sites``: the
+    layer's op in each subgraph).
+
+    A multi-signature file: ``subgraph_layers`` = per subgraph the layers its signature runs, ``constant`` = per
+    subgraph those folded to constants; ``wrapped`` must run every layer (the whole pipeline), so each layer gets
+    one output range, shared by its ops in all signatures."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer import quantizer as aeq
 
-    quant_layers = [n for n, s in layers.items() if s.quantized]
-    ops = match_layers(float_bytes, module, quant_layers, constant)
+    if subgraph_layers is None:  # one subgraph: every layer of ``layers``
+        subgraph_layers = [set(layers)]
+        constant = [set(constant)]
+    ops = match_layers(float_bytes, module, [[n for n, s in layers.items() if s.quantized and n in names] for names in subgraph_layers],
+                       list(constant))
     q = aeq.Quantizer(bytearray(float_bytes))
     plan: dict[str, dict[str, Any]] = {}
     for name in ops:
@@ -95,17 +125,19 @@ def quantize_with_checkpoint_ranges(float_bytes: bytes, module: torch.nn.Module,
             raise ExportError(f"layer {name}: {spec.w_bits}-bit weights are not supported by TFLite kernels")
         w_cont = _weight_container(spec.w_bits, weight_container)
         # an op's scope is its output tensor names joined with ";" plus a trailing ";"
-        q.add_static_config(f"^{re.escape(op['output'])};$", getattr(qtyping.TFLOperationName, op["op"]), a_cont, w_cont)
+        for site in op["sites"]:  # one op per subgraph that runs the layer (signatures of a pipeline file): the same recipe
+            q.add_static_config(f"^{re.escape(site['output'])};$", getattr(qtyping.TFLOperationName, site["op"]), a_cont, w_cont)
         plan[name] = {**op, "a_container": a_cont, "w_container": w_cont}
     outputs = output_ranges(module, wrapped, calib_inputs, list(plan))
     calib: dict[str, dict[str, np.ndarray]] = {}
     for name, p in plan.items():
         lo, hi = _designed_range(layers[name].act, p["a_container"])
-        calib[p["input"]] = {"min": np.array([lo], np.float32), "max": np.array([hi], np.float32)}
-        # the converter folds a positive factor into some weights (and biases): the op's output is scaled alike
-        out_lo, out_hi = _after_fused_activation([v * p["factor"] for v in outputs[name]], p["fused_activation"], name)
-        calib[p["output"]] = {"min": np.array([out_lo], np.float32), "max": np.array([out_hi], np.float32)}
-    with large_conv_weights_fixed():
+        for site in p["sites"]:  # every signature's op of the layer gets the same designed input range and output range
+            calib[site["input"]] = {"min": np.array([lo], np.float32), "max": np.array([hi], np.float32)}
+            # the converter folds a positive factor into some weights (and biases): the op's output is scaled alike
+            out_lo, out_hi = _after_fused_activation([v * site["factor"] for v in outputs[name]], site["fused_activation"], name)
+            calib[site["output"]] = {"min": np.array([out_lo], np.float32), "max": np.array([out_hi], np.float32)}
+    with large_conv_weights_fixed(), _shared_buffer_notes_silenced():
         result = q.quantize(calib, enable_progress_report=False)
     return write_checkpoint_weights(bytes(result.quantized_model), plan, module), plan
 

@@ -25,28 +25,57 @@ def write_checkpoint_weights(qbytes: bytes, plan: dict[str, dict[str, Any]], mod
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
     model = fbu.read_model_from_bytearray(bytearray(qbytes))
-    sg = model.subgraphs[0]
-    op_by_output = {tensor_name(sg.tensors[op.outputs[0]]): op for op in sg.operators if len(op.outputs)}
-    users: dict[int, int] = {}
-    for t in sg.tensors:
-        users[t.buffer] = users.get(t.buffer, 0) + 1
+    op_by_output = [{tensor_name(sg.tensors[op.outputs[0]]): op for op in sg.operators if len(op.outputs)} for sg in model.subgraphs]
+    users: dict[int, set[str]] = {}  # weight/bias buffer → the layers whose ops read it (a pipeline file shares buffers across signatures)
+    sites = []
     for name, p in plan.items():
+        for site in p.get("sites", [{**p, "subgraph": 0}]):
+            op = op_by_output[site["subgraph"]].get(site["output"])
+            if op is None:
+                raise ExportError(f"layer {name}: its op ({site['output']}) is missing from the quantized TFLite graph")
+            sites.append((name, p, site, op))
+            sg = model.subgraphs[site["subgraph"]]
+            for k in op.inputs[1:3]:
+                if k >= 0:
+                    users.setdefault(sg.tensors[k].buffer, set()).add(name)
+    ours = {(site["subgraph"], k) for _, _, site, op in sites for k in op.inputs[1:3] if k >= 0}
+    for i, sg in enumerate(model.subgraphs):  # any other tensor on those buffers is another reader
+        for k, t in enumerate(sg.tensors):
+            if t.buffer in users and (i, k) not in ours:
+                users[t.buffer].add("another tensor")
+    written: dict[int, np.ndarray] = {}  # buffer → the scale written with it (shared buffers are written once)
+    for name, p, site, op in sites:
         layer = module.get_submodule(name)
-        op = op_by_output.get(p["output"])
-        if op is None:
-            raise ExportError(f"layer {name}: its op ({p['output']}) is missing from the quantized TFLite graph")
+        sg = model.subgraphs[site["subgraph"]]
         wt, xt = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[0]]
         want = schema.TensorType.INT4 if p["w_container"] == 4 else schema.TensorType.INT8
-        if wt.type != want or users[wt.buffer] != 1:
-            raise ExportError(f"layer {name}: the quantizer stored its weights unexpectedly (type {wt.type}, shared buffer: {users[wt.buffer] > 1})")
-        w_int = tflite_layout(layer.design_weight_int)
-        scale = (layer.design_weight_scale.double().numpy() * p["factor"]).astype(np.float32)
-        model.buffers[wt.buffer].data = pack_int4(w_int) if p["w_container"] == 4 else w_int.astype(np.int8).view(np.uint8).ravel()
+        if wt.type != want or users[wt.buffer] != {name}:
+            raise ExportError(f"layer {name}: the quantizer stored its weights unexpectedly (type {wt.type}, shared buffer: "
+                              f"{sorted(users[wt.buffer] - {name})[:3] or 'no'})")
+        scale = (layer.design_weight_scale.double().numpy() * site["factor"]).astype(np.float32)
+        if wt.buffer in written:  # the same weights in another signature: they must be the same design
+            if not np.array_equal(written[wt.buffer], scale):
+                raise ExportError(f"layer {name}: its signatures share a weight buffer but the converter folded different factors")
+        else:
+            w_int = tflite_layout(layer.design_weight_int)
+            model.buffers[wt.buffer].data = pack_int4(w_int) if p["w_container"] == 4 else w_int.astype(np.int8).view(np.uint8).ravel()
+            written[wt.buffer] = scale
         wt.quantization.scale = scale
         wt.quantization.zeroPoint = np.zeros(scale.size, np.int64)
         wt.quantization.quantizedDimension = 0
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
-            _requantize_bias(model, sg.tensors[op.inputs[2]], scale, float(xt.quantization.scale[0]), name)
+            bt = sg.tensors[op.inputs[2]]
+            if users[bt.buffer] != {name}:
+                raise ExportError(f"layer {name}: its bias buffer is shared with {sorted(users[bt.buffer] - {name})[:3]}")
+            new = (float(xt.quantization.scale[0]) * scale.astype(np.float64)).astype(np.float32)
+            if bt.buffer in written:
+                if not np.array_equal(written[bt.buffer], new):
+                    raise ExportError(f"layer {name}: its signatures share a bias buffer at different scales")
+                bt.quantization.scale = new
+                bt.quantization.zeroPoint = np.zeros(new.size, np.int64)
+            else:
+                _requantize_bias(model, bt, scale, float(xt.quantization.scale[0]), name)
+                written[bt.buffer] = new
     return bytes(fbu.convert_object_to_bytearray(model))
 
 
@@ -66,9 +95,9 @@ def _requantize_bias(model, bt, new_w_scale: np.ndarray, in_scale: float, name: 
     bt.quantization.zeroPoint = np.zeros(new.size, np.int64)
 
 
-def weight_ints(model, tensor_index: int, container: int) -> np.ndarray:
+def weight_ints(model, tensor_index: int, container: int, subgraph: int = 0) -> np.ndarray:
     """The integers stored for one weight tensor (int4 unpacked) of a parsed model, in TFLite layout, flattened."""
-    t = model.subgraphs[0].tensors[tensor_index]
+    t = model.subgraphs[subgraph].tensors[tensor_index]
     raw = np.asarray(model.buffers[t.buffer].data, np.uint8)
     count = int(np.prod(t.shape))
     return unpack_int4(raw, count) if container == 4 else raw.view(np.int8)[:count]

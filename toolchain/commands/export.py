@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the export (TFLite: also <stem>_float.tflite, <stem>.precision.json) are replaced together or not at all; "
                         "an existing file that no earlier export wrote needs --overwrite")
     add_overwrite_arg(p)
-    p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default) or one stage")
+    p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default: one file that also holds each stage — TFLite signatures restore, "
+                        "vae_encoder, embedder, unet, vae_decoder; ONNX: the stage tensors as named outputs, stages cut out "
+                        "with export.pipeline.onnx_stage) or one stage")
     p.add_argument("--dynamic", action="store_true",
                    help="ONNX: dynamic batch and spatial size. The UNet's skip concatenations need height and width to be "
                         "multiples of the model's total downsampling (full: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, "
@@ -145,9 +147,14 @@ def _run_locked(args: argparse.Namespace) -> int:
     summary = {k: report[k] for k in ("path", "bytes", "int4_weight_layers", "int8_weight_layers", "layers_quantized", "float_fallback_layers",
                                       "scale_mismatches", "weight_grid_mismatches", "spatial_multiple",
                                       "qdq_format", "ort_layers", "ort_fused_nodes", "precision", "fp16_vs_fp32", "float_weights",
-                                      "float16_layers") if k in report}
+                                      "float16_layers", "signature_mismatches") if k in report}
+    if "signatures" in report:  # a one-file pipeline: its signatures (TFLite) or stages (ONNX) and their input shapes
+        summary["signatures"] = {k: v["inputs"] for k, v in report["signatures"].items()}
     if "validation" in report:  # one JSON document on stdout, so it pipes into jq / json.tool
-        summary["validation"] = {k: v for k, v in report["validation"].items() if k != "per_image"}
+        summary["validation"] = {k: v for k, v in report["validation"].items() if k not in ("per_image", "signatures")}
+        if "signatures" in report["validation"]:
+            summary["validation"]["signatures"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_image"}
+                                                   for k, v in report["validation"]["signatures"].items()}
     print(json.dumps(summary))
     return 0
 

@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     path = write_report(report, out, designed_bits(designed))
     inf = report.get("inference_ms") or {}
     summary = {"runtime": report.get("runtime"), "median_ms": inf.get("median", inf.get("avg")), "report": str(path)}
+    if report.get("signatures"):  # a one-file pipeline: the median of every signature (TFLite) / stage (ONNX)
+        summary["signatures_median_ms"] = {k: v["inference_ms"]["median"] for k, v in report["signatures"].items()}
     if report.get("fallback"):
         summary["partial_delegation"] = True
         print("warning: only part of the graph ran on the delegate; the rest fell back to the CPU "

@@ -70,7 +70,8 @@ def concrete_shapes(inputs: list[tuple[str, list]], shapes: dict[str, list[int]]
             out.append([int(d) for d in shape])
             continue
         if len(given) != len(shape) or any(not dyn and int(d) != g for d, g, dyn in zip(shape, given, dynamic)):
-            raise ConfigError(f"{model}: --shape {'x'.join(map(str, given))} does not fit input '{name}' of shape {list(shape)}")
+            fixed = "" if any(dynamic) else " (fixed at export: export with --dynamic for other sizes)"
+            raise ConfigError(f"{model}: --shape {'x'.join(map(str, given))} does not fit input '{name}' of shape {list(shape)}{fixed}")
         if multiple and len(given) == 4 and (given[2] % multiple or given[3] % multiple):
             raise ConfigError(f"{model}: --shape {'x'.join(map(str, given))}: height and width must be multiples of {multiple} "
                               f"for this dynamic-shape export (e.g. {given[2] // multiple * multiple or multiple}x"
@@ -95,12 +96,18 @@ def host_info() -> dict[str, Any]:
 
 def profile_tflite(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, xnnpack: bool = True,
                    shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Time the LiteRT interpreter on random inputs; ``shapes`` fixes dynamic inputs (see ``parse_shapes``).
+    """Time the LiteRT interpreter on random inputs (float32 in [-1, 1]), every signature of the file: a one-file
+    pipeline (export/pipeline.py) gets ``signatures`` = {name: {"inputs": {input: shape}, "inference_ms": {...}}},
+    ``restore`` first; the top-level ``inference_ms`` is the default signature's (``restore``, or the only one).
 
-    Returns the report dict (times in ms). Raises InputError for a file LiteRT cannot load, ConfigError for missing shapes."""
+    A TFLite export has its input shapes baked in (LiteRT cannot resize these graphs, export/litert/runtime.py:
+    check_shape), so ``shapes`` (see ``parse_shapes``; a name applies to that input in every signature, ``#k`` to the
+    default signature's k-th input) may only repeat them. Returns the report dict (times in ms). Raises InputError
+    for a file LiteRT cannot load or a shape other than the baked one, ConfigError for a --shape naming no input."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from toolchain.errors import InputError
+    from export.litert.runtime import check_shape, default_signature, input_order
+    from toolchain.errors import ConfigError, InputError
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     t0 = time.perf_counter()
@@ -108,20 +115,42 @@ def profile_tflite(path: str | os.PathLike, threads: int = 4, runs: int = 20, wa
         it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"{path} is not a TFLite model LiteRT can load ({str(exc).strip().splitlines()[0][:200]})") from None
-    details = it.get_input_details()
-    resolved = concrete_shapes([(d["name"], [int(x) for x in d.get("shape_signature", d["shape"])]) for d in details], shapes or {}, None, str(path))
-    for d, shape in zip(details, resolved):
-        if list(d["shape"]) != shape:
-            it.resize_tensor_input(d["index"], shape)
-    it.allocate_tensors()
+    signatures = it.get_signature_list()
+    default = default_signature(signatures) or next(iter(signatures), None)
+    if default is None:
+        raise InputError(f"{path} has no signature to run (re-export it with `toolchain export --target tflite`)")
+    shapes = dict(shapes or {})
+    runners, feeds = {}, {}
+    for key in signatures:
+        runner = it.get_signature_runner(key)
+        details = runner.get_input_details()
+        order = input_order(key, list(details))
+        arrays = {}
+        for k, name in enumerate(order):
+            baked = [int(d) for d in details[name]["shape"]]
+            given = shapes.get(name, shapes.get(f"#{k}") if key == default else None)
+            if given is not None:
+                check_shape(Path(path).name, key, name, baked, given)
+            arrays[name] = _random_inputs([(baked, details[name]["dtype"])])[0]
+        runners[key], feeds[key] = runner, arrays
+    known = {n for f in feeds.values() for n in f} | {f"#{k}" for k in range(len(feeds[default]))}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        names = sorted({n for f in feeds.values() for n in f})
+        raise ConfigError(f"{path}: --shape names no input of the model: {', '.join(unknown)} (its inputs: {', '.join(names)})")
+    for key, runner in runners.items():  # tensors allocated before the timed runs
+        runner(**feeds[key])
     init_ms = (time.perf_counter() - t0) * 1000
-    for d, x in zip(details, _random_inputs([(shape, d["dtype"]) for d, shape in zip(details, resolved)])):
-        it.set_tensor(d["index"], x)
-    res = _timed(it.invoke, warmup, runs)
-    return {"runtime": "litert-interpreter", "delegate": "xnnpack" if xnnpack else "none (builtin kernels)", "threads": threads,
-            "init_ms": init_ms, "inference_ms": res, "model_bytes": Path(path).stat().st_size,
-            "per_op": None, "per_op_note": "the LiteRT Python interpreter has no per-op profiler; use --adb with benchmark_model, "
-                                           "or profile the ONNX export for per-layer times"}
+    per_sig = {key: {"inputs": {n: list(a.shape) for n, a in feeds[key].items()},
+                     "inference_ms": _timed(lambda r=runner, f=feeds[key]: r(**f), warmup, runs)} for key, runner in runners.items()}
+    report = {"runtime": "litert-interpreter", "delegate": "xnnpack" if xnnpack else "none (builtin kernels)", "threads": threads,
+              "init_ms": init_ms, "inference_ms": per_sig[default]["inference_ms"], "signature": default,
+              "model_bytes": Path(path).stat().st_size,
+              "per_op": None, "per_op_note": "the LiteRT Python interpreter has no per-op profiler; use --adb with benchmark_model, "
+                                             "or profile the ONNX export for per-layer times"}
+    if len(per_sig) > 1:
+        report["signatures"] = per_sig
+    return report
 
 
 def _layer_of(node_name: str) -> str | None:
@@ -161,6 +190,19 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
     res = _timed(lambda: sess.run(None, feeds), warmup, runs)
     report: dict[str, Any] = {"runtime": f"onnxruntime {ort.__version__} CPU", "threads": threads, "init_ms": init_ms, "inference_ms": res,
                               "model_bytes": Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if Path(str(path) + ".data").exists() else 0)}
+    from export.pipeline import RESTORE, onnx_stage, onnx_stages
+
+    stages = onnx_stages(sess)
+    if stages:  # a one-file pipeline: each stage cut out of it and timed on its own (what ORT Mobile / an NPU runs per stage)
+        report["signatures"] = {RESTORE: {"inputs": {n: list(x.shape) for n, x in feeds.items()}, "inference_ms": res}}
+        for key, spec in stages.items():
+            if key == RESTORE:
+                continue
+            stage = ort.InferenceSession(onnx_stage(str(path), key).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            ins = [(i.name, list(i.shape)) for i in stage.get_inputs()]
+            arrays = {n: x for (n, _), x in zip(ins, _random_inputs([(shape, np.float32) for _, shape in ins]))}
+            report["signatures"][key] = {"inputs": {n: list(x.shape) for n, x in arrays.items()},
+                                         "inference_ms": _timed(lambda st=stage, a=arrays: st.run(None, a), warmup, runs)}
     if per_op:
         so_p = ort.SessionOptions()
         so_p.intra_op_num_threads = threads

@@ -21,6 +21,12 @@ public class Interpreter implements AutoCloseable {
 
     public void run(Object input, Object output) {}
 
+    public String[] getSignatureKeys() { return new String[0]; }
+
+    public Tensor getInputTensorFromSignature(String inputName, String signatureKey) { return null; }
+
+    public void runSignature(java.util.Map<String, Object> inputs, java.util.Map<String, Object> outputs, String signatureKey) {}
+
     @Override
     public void close() {}
 }

@@ -15,12 +15,24 @@ import org.tensorflow.lite.gpu.GpuDelegate;
 /**
  * The only class that touches LiteRT: opens the model on the first accelerator of the fallback
  * order that initialises, and runs one NCHW float tensor through it.
+ *
+ * <p>A one-file pipeline ({@code toolchain export --part full}) has named signatures: {@code restore}
+ * (the whole pipeline) and one per stage. When {@code restore} is present it is looked up by name
+ * and run with {@code runSignature}; a single-part file without it runs its only graph as before.
+ * The names are the exporter's ({@code export/pipeline.py}: {@code RESTORE}, {@code STAGE_IO}); a
+ * pytest checks that these constants still match.
  */
 final class LiteRtRestorer implements AutoCloseable {
+    static final String RESTORE_SIGNATURE = "restore";
+    static final String RESTORE_INPUT = "lq_image";
+    static final String RESTORE_OUTPUT = "restored_image";
+
     private final Interpreter interpreter;
     private final Delegate delegate;
     final DelegatePlan.Delegate used;
     final int size;
+    /** True when the model has the {@code restore} signature (run by name), false for a single-graph file. */
+    final boolean bySignature;
     private final ByteBuffer input;
     private final ByteBuffer output;
 
@@ -28,7 +40,9 @@ final class LiteRtRestorer implements AutoCloseable {
         this.interpreter = interpreter;
         this.delegate = delegate;
         this.used = used;
-        int[] shape = interpreter.getInputTensor(0).shape();  // [1, 3, S, S]: the exporter keeps PyTorch's NCHW
+        this.bySignature = java.util.Arrays.asList(interpreter.getSignatureKeys()).contains(RESTORE_SIGNATURE);
+        int[] shape = (bySignature ? interpreter.getInputTensorFromSignature(RESTORE_INPUT, RESTORE_SIGNATURE)
+                : interpreter.getInputTensor(0)).shape();  // [1, 3, S, S]: the exporter keeps PyTorch's NCHW
         if (shape.length != 4 || shape[1] != 3 || shape[2] != shape[3]) {
             throw new IllegalArgumentException("expected a [1,3,S,S] image input, the model has " + java.util.Arrays.toString(shape));
         }
@@ -60,7 +74,7 @@ final class LiteRtRestorer implements AutoCloseable {
                     options.setUseXNNPACK(true);
                 }
                 LiteRtRestorer r = new LiteRtRestorer(new Interpreter(model, options), gpu, d);
-                log.add(d + ": ready (" + r.size + "x" + r.size + ")");
+                log.add(d + ": ready (" + r.size + "x" + r.size + (r.bySignature ? ", signature " + RESTORE_SIGNATURE : "") + ")");
                 return r;
             } catch (Throwable failed) {
                 log.add(d + ": unavailable (" + failed.getClass().getSimpleName() + ": " + failed.getMessage() + ")");
@@ -76,7 +90,15 @@ final class LiteRtRestorer implements AutoCloseable {
         input.rewind();
         input.asFloatBuffer().put(nchw);
         output.rewind();
-        interpreter.run(input, output);
+        if (bySignature) {
+            java.util.Map<String, Object> inputs = new java.util.HashMap<String, Object>();
+            inputs.put(RESTORE_INPUT, input);
+            java.util.Map<String, Object> outputs = new java.util.HashMap<String, Object>();
+            outputs.put(RESTORE_OUTPUT, output);
+            interpreter.runSignature(inputs, outputs, RESTORE_SIGNATURE);
+        } else {
+            interpreter.run(input, output);
+        }
         float[] out = new float[nchw.length];
         output.rewind();
         FloatBuffer fb = output.asFloatBuffer();
