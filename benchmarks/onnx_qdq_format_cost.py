@@ -69,7 +69,7 @@ def time_both(prev: Path, new: Path, out: Path, threads: int, rounds: int, runs:
 
     from benchmarks.common import command_line, environment
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
-    from toolchain.profile.cpu import cpu_isa
+    from toolchain.cpu import cpu_isa
 
     x = np.load(new / "input.npy")
     names = sorted(p.stem for p in new.glob("*.onnx"))

@@ -47,7 +47,7 @@ def main() -> None:
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
     from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model
-    from toolchain.profile.cpu import cpu_isa
+    from toolchain.cpu import cpu_isa
     from toolchain.quant.api import quantize_
     from toolchain.quant.calibrate import quant_layers
     from toolchain.quant.config import QuantConfig

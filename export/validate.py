@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from export.parts import part_module
-from toolchain.profile.cpu import cpu_isa
+from toolchain.cpu import cpu_isa
 
 Runner = Callable[[tuple[torch.Tensor, ...]], np.ndarray]
 

@@ -14,8 +14,9 @@ PACKAGES = ("toolchain", "calibration", "export")
 
 # lowest first; a package may import packages of its own layer or below (loops are caught separately)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("toolchain", "toolchain.errors", "toolchain.defaults", "toolchain.topology", "toolchain.distributed", "toolchain.io"),
-    ("toolchain.models", "calibration", "toolchain.profile", "toolchain.pipeline"),
+    ("toolchain", "toolchain.errors", "toolchain.defaults", "toolchain.topology", "toolchain.distributed", "toolchain.io",
+     "toolchain.cpu"),
+    ("toolchain.models", "calibration", "toolchain.pipeline"),
     ("toolchain.quant",),  # the fake-quant core and the registries below the quantize_ verb
     ("toolchain.recipe",),  # recipe files, checked against the registries
     ("toolchain.balance",),
@@ -25,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("toolchain.alloc",),
     ("toolchain.methods",),
     ("export", "toolchain.compare"),
+    ("toolchain.profile",),  # runs exported files (and reads their signatures / stages)
     ("toolchain.commands", "toolchain.cli", "toolchain.__main__"),
 )
 
