@@ -110,3 +110,25 @@ def test_bad_method_and_params(tiny_model_path, calib_dir, tmp_path, capsys):
     assert run("quantize", "--model", tiny_model_path, "--bits", "w1a8", "--calib", calib_dir, "--out", tmp_path / "x") == 2
     assert "bits" in _one_error_line(capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_every_verb_help_shows_one_worked_example():
+    from toolchain.cli import EXAMPLES, _all_subparsers, build_parser
+
+    for p in _all_subparsers(build_parser()):
+        text = p.format_help()
+        verb = p.prog.removeprefix("toolchain ")
+        assert f"example: {EXAMPLES[verb]}" in text, p.prog
+        # the example runs this verb (or, for a group, one of its sub-verbs)
+        assert EXAMPLES[verb].startswith(f"toolchain {verb}"), p.prog
+
+
+def test_quantize_help_lists_the_registered_methods(capsys):
+    from toolchain.commands.quantize import METHOD_NAMES
+    from toolchain.quant.registry import registered_methods
+
+    assert set(METHOD_NAMES) == set(registered_methods())
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in METHOD_NAMES)

@@ -46,6 +46,47 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
+class _ExampleFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps the ``example:`` epilog on one line (a shell command to copy)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return indent + text if text.startswith("example: ") else super()._fill_text(text, width, indent)
+
+
+# One worked example per verb, shown at the end of its --help (tests/test_cli.py checks every parser has one).
+EXAMPLES: dict[str, str] = {
+    "run": "toolchain run benchmarks/recipes/demo.json --out demo_out",
+    "recipe": "toolchain recipe validate benchmarks/recipes/demo.json",
+    "recipe validate": "toolchain recipe validate benchmarks/recipes/demo.json",
+    "calibrate": "toolchain calibrate --hq faces/ -n 64 --size 128 --seed 0 --out calib/",
+    "quantize": "toolchain quantize --method quantface --bits w4a4 --param train_steps=200 --rule 'conv_in$=w8a8' --calib calib/ --out ckpt/",
+    "allocate": "toolchain allocate all --checkpoint ckpt/ --calib calib/ --budget-bits 4 --out alloc/",
+    "allocate sensitivity": "toolchain allocate sensitivity --checkpoint ckpt/ --calib calib/ --epsilon 0.02 --out alloc/",
+    "allocate errors": "toolchain allocate errors --checkpoint ckpt/ --calib calib/ --bits 3,4,5,6 --out alloc/",
+    "allocate solve": "toolchain allocate solve --out alloc/ --budget-bits 4 --pin 'conv_in$=8'",
+    "allocate all": "toolchain allocate all --checkpoint ckpt/ --calib calib/ --budget-bits 4 --out alloc/",
+    "export": "toolchain export --checkpoint ckpt/ --target tflite --calib calib/ --validate --out model.tflite",
+    "profile": "toolchain profile model.tflite --threads 4 --runs 20 --out model.profile/",
+    "restore": "toolchain restore photos/ --checkpoint ckpt/ --out restored/",
+    "eval": "toolchain eval --data eval_set/ --checkpoint ckpt/ --out eval/",
+    "compare": "toolchain compare --spec benchmarks/compare_ref.json --calib calib/ --eval eval_set/ --out compare/",
+    "model": "toolchain model info toolchain/weights/ref.safetensors",
+    "model init": "toolchain model init --preset tiny --out tiny.safetensors",
+    "model info": "toolchain model info toolchain/weights/ref.safetensors",
+    "model convert": "toolchain model convert ref.safetensors ref_dir/ --format dir",
+    "model import": "toolchain model import osdface --sd sd21/ --vre associate_2.ckpt --proj embedding_change_weights.pth "
+                    "--lora pytorch_lora_weights.safetensors --out osdface_model/",
+    "model import osdface": "toolchain model import osdface --sd sd21/ --vre associate_2.ckpt --proj embedding_change_weights.pth "
+                            "--lora pytorch_lora_weights.safetensors --out osdface_model/",
+    "model import osediff": "toolchain model import osediff --sd sd21/ --weights osediff.pkl --prompt-embedding prompt.safetensors "
+                            "--out osediff_model/",
+    "model stats": "toolchain model stats --calib calib/ --out stats/",
+    "methods": "toolchain methods --json",
+    "train-reference": "toolchain train-reference --faces faces/ --out ref.safetensors --workdir work/ --val-faces 64 "
+                       "--eval-every 250 --patience 4",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="toolchain",
@@ -60,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         importlib.import_module(f"toolchain.commands.{verb}").register(sub)
     for p in _all_subparsers(parser):
+        example = EXAMPLES.get(p.prog.removeprefix("toolchain "))
+        if example and not p.epilog:
+            p.epilog = f"example: {example}"
+            p.formatter_class = _ExampleFormatter
         if not any("--verbose" in a.option_strings for a in p._actions):
             p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="print the full traceback with an error")
     return parser

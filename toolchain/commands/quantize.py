@@ -13,12 +13,18 @@ from toolchain.commands.common import add_model_args, add_nproc_arg, add_overwri
 from toolchain.errors import ConfigError
 
 
+# The built-in methods' names, kept here so that --help imports no torch; tests/test_cli.py checks that they are
+# the registered ones (toolchain.quant.registry.registered_methods).
+METHOD_NAMES = ("efficientdm", "minmax", "passionsr", "qartsr", "qdiffusion", "quantface", "smoothquant", "svdquant")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model with a registered method",
                        description="Quantize a float model with a registered method and write a checkpoint directory "
                                    "(model.safetensors + quant_config.json). `toolchain methods` lists methods and their parameters.")
     add_model_args(p, checkpoint=False)
-    p.add_argument("--method", default="minmax", help="quantization method (default minmax; see `toolchain methods`)")
+    p.add_argument("--method", default="minmax", help=f"quantization method: {', '.join(METHOD_NAMES)} (default minmax; "
+                                                        "`toolchain methods` lists each with its parameters, installed plugins included)")
     p.add_argument("--bits", default="w8a8", help="default weight/activation bits, e.g. w4a4, w6a6 (default w8a8)")
     p.add_argument("--config", type=Path, default=None, help="full QuantConfig JSON (overrides --method/--bits)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter, converted to its type (integer, number, true/false, text, none for optional ones, comma-separated or JSON list); `toolchain methods` lists them; repeatable")

@@ -15,9 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = rsub.add_parser("validate", help="check a recipe against the schema, the registered methods and their parameters",
                         description="Check a recipe file against toolchain/schemas/recipe.schema.json, the registered methods "
                                     "and each method's typed parameters, the bits, regexes and the references between sections. "
-                                    "Prints the stages `toolchain run` would execute (as JSON).",
-                        epilog="example: toolchain recipe validate benchmarks/recipes/demo.json",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    "Prints the stages `toolchain run` would execute (as JSON).")
     v.add_argument("recipe", type=Path)
     p.set_defaults(func=run)
 

@@ -33,9 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="run a whole recipe: calibrate → quantize (→ allocate) → eval → export → profile → report.html",
         description="Run every stage of a recipe file (see `toolchain recipe validate` and README 'Recipes'). Stages whose "
-                    "artifacts in --out are current are skipped; an interrupted run resumes when rerun.",
-        epilog="example: toolchain run benchmarks/recipes/demo.json --out demo_out",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "artifacts in --out are current are skipped; an interrupted run resumes when rerun.")
     p.add_argument("recipe", type=Path, help="recipe JSON file")
     p.add_argument("--out", type=Path, required=True, help="run folder: new, empty, or an earlier run's folder")
     p.add_argument("--dry-run", action="store_true", help="print the stages and whether each would run, then stop")
