@@ -132,3 +132,11 @@ def test_quantize_help_lists_the_registered_methods(capsys):
         main(["quantize", "--help"])
     text = capsys.readouterr().out
     assert all(name in text for name in METHOD_NAMES)
+
+
+def test_export_takes_the_checkpoint_as_every_verb_does(tmp_path, capsys):
+    # --checkpoint like restore/eval/allocate; the older positional form means the same; two different ones are refused
+    rc = main(["export", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"), "--target", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two checkpoints given" in err[0]

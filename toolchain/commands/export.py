@@ -20,7 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Fold offline transforms and merged low-rank branches into the weights and write a deployable "
                                    "graph. ONNX: QDQ-annotated (opset 21, INT4 weights where designed), online Hadamard transforms as "
                                    "quantface.* local functions. TFLite: see README (integer recipe with the checkpoint's own ranges).")
-    p.add_argument("checkpoint", type=Path, nargs="?", default=None, help="quantized checkpoint dir (omit and pass --model to export a float model)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="quantized checkpoint dir, passed as in every other verb (omit and pass --model to export a float model)")
+    # the checkpoint as a positional argument, as earlier versions took it (same meaning; not shown in --help)
+    p.add_argument("checkpoint_positional", type=Path, nargs="?", default=None, metavar="CHECKPOINT", help=argparse.SUPPRESS)
     p.add_argument("--target", choices=TARGETS, required=True)
     p.add_argument("--model", type=Path, default=None, help="float model to export instead of a checkpoint")
     p.add_argument("--preset", default=None)
@@ -101,7 +104,13 @@ def group_names(out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolchain.errors import UsageError
     from toolchain.io.outputs import check_output_file, output_lock
+
+    if args.checkpoint_positional is not None:
+        if args.checkpoint is not None and args.checkpoint != args.checkpoint_positional:
+            raise UsageError(f"two checkpoints given ({args.checkpoint_positional} and --checkpoint {args.checkpoint}); pass one")
+        args.checkpoint = args.checkpoint_positional
 
     check_output_file(args.out, f"{args.target} export", is_export, inputs=[args.checkpoint, args.model, args.calib, args.mp_table],
                       overwrite=args.overwrite)

@@ -161,7 +161,7 @@ def plan(recipe, out: Path) -> list[Stage]:
     exports: dict[str, Path] = {}
     for e in recipe.exports:
         path = out / "export" / e.filename
-        src = ["--model", str(model), *preset] if e.source == "fp" else [str(checkpoints[e.source])]
+        src = ["--model", str(model), *preset] if e.source == "fp" else ["--checkpoint", str(checkpoints[e.source])]
         argv = ["export", *src, "--target", e.target, "--part", e.part, "--calib", str(calib), "--out", str(path)]
         if e.validate:
             argv += ["--validate", "--images", str(e.images)]
