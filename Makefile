@@ -16,15 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the bundled default model and bundled public-domain faces (a few minutes on 2 cores):
-# calibration set -> MinMax W8A8 and W4A4 checkpoints -> evaluation report + before/after grid.
+# The main job, as one recipe (benchmarks/recipes/demo.json) on the bundled reference model and bundled public-domain
+# faces: FP, MinMax W4A4 and QuantFace W4A4 side by side, the QuantFace checkpoint exported to TFLite (validated)
+# and profiled on this host → demo_out/report.html (≈ 5 min on 2 cores; a second `make demo` is a no-op).
 demo: $(STAMP)
-	$(TC) calibrate -n 12 --size 128 --seed 0 --out $(OUT)/calib
-	$(TC) calibrate -n 6 --size 128 --seed 1 --out $(OUT)/eval
-	$(TC) quantize --method minmax --bits w8a8 --calib $(OUT)/calib --out $(OUT)/minmax-w8a8 --device cpu
-	$(TC) quantize --method minmax --bits w4a4 --calib $(OUT)/calib --out $(OUT)/minmax-w4a4 --device cpu
-	$(TC) eval --data $(OUT)/eval --checkpoint $(OUT)/minmax-w8a8 --checkpoint $(OUT)/minmax-w4a4 --out $(OUT) --device cpu
-	@echo "demo finished: $(OUT)/report.json and $(OUT)/grid.png"
+	$(TC) run benchmarks/recipes/demo.json --out $(OUT)
+	@echo "demo finished: $(OUT)/report.html (also report.json, eval/grid.png, export/, profile/)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
