@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import toolchain  # noqa: E402,F401
 from benchmarks.common import DEFAULT_FACES, RESULTS, command_line, environment, face_sets  # noqa: E402
-from calibration.dataset import CalibrationSet  # noqa: E402
+from toolchain.calibration.dataset import CalibrationSet  # noqa: E402
 from toolchain.balance.stats import channel_axis, collect_input_absmax  # noqa: E402
 from toolchain.balance.transform import BalanceConfig, apply_balancing, plan_balancing  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402

@@ -34,7 +34,7 @@ def _linked_folder(names: list[str], faces: Path, folder: Path) -> Path:
 
 def face_sets(faces: Path = DEFAULT_FACES, n_calib: int = 64, n_eval: int = 64, size: int = 128, seed: int = 0) -> tuple[Path, Path]:
     """(calibration set from training faces, evaluation set from held-out faces)."""
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration.dataset import build_calibration_set
 
     if not faces.is_dir():
         raise SystemExit(f"faces folder {faces} not found; pass --faces (UTKFace aligned faces)")

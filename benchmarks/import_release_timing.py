@@ -78,9 +78,9 @@ def main() -> None:
         atomic_write_json(args.out / "results.json", {"command": command_line(), "environment": environment(), "stages": rows})
         return out
 
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import CalibrationSet, build_calibration_set
-    from export.onnx_backend import export_onnx
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
+    from toolchain.export.onnx_backend import export_onnx
     from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model
     from toolchain.models.release.osdface import import_osdface

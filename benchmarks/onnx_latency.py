@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 import toolchain  # noqa: E402,F401
 from benchmarks.common import command_line, environment  # noqa: E402
-from calibration import BUNDLED_FACES  # noqa: E402
-from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
-from export.onnx_backend import export_onnx  # noqa: E402
+from toolchain.calibration import BUNDLED_FACES  # noqa: E402
+from toolchain.calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
+from toolchain.export.onnx_backend import export_onnx  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.quant.registry import MethodContext  # noqa: E402
 from toolchain.models import build_model, load_model, preset  # noqa: E402

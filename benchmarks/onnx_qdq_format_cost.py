@@ -31,9 +31,9 @@ def export(out: Path, bits: list[str], images: int) -> None:
     import torch
 
     import toolchain  # noqa: F401
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import CalibrationSet, build_calibration_set
-    from export.onnx_backend import export_onnx
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
+    from toolchain.export.onnx_backend import export_onnx
     from toolchain.defaults import DEFAULT_MODEL
     from toolchain.quant.registry import MethodContext
     from toolchain.models import load_model

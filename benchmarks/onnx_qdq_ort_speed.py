@@ -37,12 +37,12 @@ def main() -> None:
 
     import toolchain  # noqa: F401
     from benchmarks.common import command_line, environment
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import CalibrationSet, build_calibration_set
-    from export.onnx_backend import export_onnx
-    from export.qdq.output_grids import default_calib_inputs
-    from export.qdq.runtime import ort_session
-    from export.validate import compare
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
+    from toolchain.export.onnx_backend import export_onnx
+    from toolchain.export.qdq.output_grids import default_calib_inputs
+    from toolchain.export.qdq.runtime import ort_session
+    from toolchain.export.validate import compare
     from toolchain.defaults import DEFAULT_MODEL
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
     from toolchain.quant.registry import MethodContext

@@ -29,7 +29,7 @@ def main() -> None:
 
     import toolchain  # noqa: F401
     from benchmarks.common import command_line, environment
-    from export.onnx_backend import export_onnx
+    from toolchain.export.onnx_backend import export_onnx
     from toolchain.io.atomic import atomic_write_json, atomic_write_text
     from toolchain.models import build_model, preset
 

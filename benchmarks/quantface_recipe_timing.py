@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 import toolchain  # noqa: E402,F401
 from benchmarks.common import command_line, environment  # noqa: E402
-from calibration import BUNDLED_FACES  # noqa: E402
-from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
+from toolchain.calibration import BUNDLED_FACES  # noqa: E402
+from toolchain.calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
 from toolchain.balance.transform import BalanceConfig  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.lowrank.compensate import attach_branches, merge_all, train_branches  # noqa: E402

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 
 import toolchain  # noqa: E402,F401
 from benchmarks.common import command_line, environment  # noqa: E402
-from calibration import BUNDLED_FACES  # noqa: E402
-from calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
-from export.parts import part_inputs  # noqa: E402
-from export.tflite_backend import export_tflite, validate_tflite  # noqa: E402
+from toolchain.calibration import BUNDLED_FACES  # noqa: E402
+from toolchain.calibration.dataset import CalibrationSet, build_calibration_set  # noqa: E402
+from toolchain.export.parts import part_inputs  # noqa: E402
+from toolchain.export.tflite_backend import export_tflite, validate_tflite  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from toolchain.quant.registry import MethodContext  # noqa: E402

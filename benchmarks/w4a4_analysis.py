@@ -37,7 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import toolchain  # noqa: E402,F401
 from benchmarks.common import CACHE, DEFAULT_FACES, RESULTS, command_line, environment, face_sets  # noqa: E402
-from calibration.dataset import CalibrationSet  # noqa: E402
+from toolchain.calibration.dataset import CalibrationSet  # noqa: E402
 from toolchain.defaults import DEFAULT_MODEL  # noqa: E402
 from toolchain.eval.evaluate import restore_set, score  # noqa: E402
 from toolchain.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402

@@ -44,8 +44,8 @@ def ref_model_path() -> Path:
 @pytest.fixture(scope="session")
 def calib_dir(tmp_path_factory) -> Path:
     """8 HQ/LQ pairs at 64 px from the bundled public-domain faces."""
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import build_calibration_set
 
     return build_calibration_set([BUNDLED_FACES], tmp_path_factory.mktemp("calib") / "set", n=8, size=64, seed=0, progress=False)
 
@@ -56,9 +56,9 @@ def heldout_dir(tmp_path_factory) -> Path:
     falls back to the bundled faces when ../shared is not present."""
     import json
 
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration.dataset import build_calibration_set
 
-    from calibration import BUNDLED_FACES
+    from toolchain.calibration import BUNDLED_FACES
 
     if UTKFACE.is_dir():
         split = json.loads((REPO / "benchmarks" / "results" / "reference_model" / "split.json").read_text())

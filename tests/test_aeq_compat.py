@@ -7,7 +7,7 @@ def test_large_conv_weight_quantizes_like_its_slices():
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
 
-    from export.aeq_compat import large_conv_weights_fixed
+    from toolchain.export.aeq_compat import large_conv_weights_fixed
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1024, 3, 3, 1024), dtype=np.float32)  # 37.7 MB, OHWI like a TFLite conv weight

@@ -170,7 +170,7 @@ def test_qdiffusion_adaround_beats_nearest_rounding_and_splits_skips(tiny_model,
         assert torch.unique(scale).numel() == 2
     _round_trip(tiny_model, config, summary, tmp_path, batches[0])
     from toolchain.errors import ExportError
-    from export.onnx_backend import export_onnx
+    from toolchain.export.onnx_backend import export_onnx
 
     with pytest.raises(ExportError, match="split_shortcut"):
         export_onnx(tiny_model, tmp_path / "q.onnx")

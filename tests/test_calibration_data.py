@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from calibration import BUNDLED_FACES
-from calibration.dataset import CalibrationSet, build_calibration_set
-from calibration.degrade import degrade
+from toolchain.calibration import BUNDLED_FACES
+from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
+from toolchain.calibration.degrade import degrade
 from toolchain.errors import InputError
 
 
@@ -44,7 +44,7 @@ def test_build_is_reproducible_and_resumes(tmp_path):
         (tmp_path / "b.partial" / "lq" / f).unlink()
     settings = {"seed": 2, "size": 48, "count": 5}
     manifest_a = json.loads((a / "manifest.json").read_text())
-    from calibration.degrade import DegradationConfig
+    from toolchain.calibration.degrade import DegradationConfig
 
     (tmp_path / "b.partial" / "settings.json").write_text(json.dumps({**settings, "degradation": DegradationConfig().to_dict(), "sources": [str(p) for p in sorted(BUNDLED_FACES.iterdir())]}))
     for item in manifest_a["items"][:3]:

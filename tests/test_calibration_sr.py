@@ -31,7 +31,7 @@ def sr_set(sr_model_dir, tmp_path_factory):
 
 
 def test_sr_pairs_are_degraded_hr_downscaled_by_four(sr_set, tmp_path):
-    from calibration.degrade import DegradationConfig, degrade
+    from toolchain.calibration.degrade import DegradationConfig, degrade
     from toolchain.io.images import load_image
 
     man = json.loads((sr_set / "manifest.json").read_text())

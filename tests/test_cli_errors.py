@@ -190,8 +190,8 @@ def s_none(tmp, env):
 
 def s_sr_set(tmp, env):
     """x4 SR pairs: the wrong task for the same-size tiny face model."""
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import build_calibration_set
 
     build_calibration_set([BUNDLED_FACES], tmp / "sr", n=2, size=32, seed=0, progress=False, scale=4)
 
@@ -449,7 +449,7 @@ def test_help_lists_metrics_and_parts_and_is_light():
     import subprocess
     import sys
 
-    from export.parts import PARTS
+    from toolchain.export.parts import PARTS
     from toolchain.commands.evaluate import METRIC_NAMES
     from toolchain.commands.export import PARTS as CLI_PARTS
     from toolchain.eval.metrics import PAIRED_METRICS, SET_METRICS

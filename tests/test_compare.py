@@ -76,8 +76,8 @@ def test_compare_face_metrics_equal_the_metric_functions_on_the_same_outputs(tmp
 
     dlib = pytest.importorskip("dlib")
     import toolchain.compare as compare_module
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import CalibrationSet, build_calibration_set
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
     from toolchain.eval import face
     from toolchain.eval.niqe import niqe
     from toolchain.models import build_model, preset, save_model
@@ -147,7 +147,7 @@ def test_score_vs_counts_detected_faces_and_the_table_marks_partial_detection(tm
     from PIL import Image
 
     pytest.importorskip("dlib")
-    from calibration import BUNDLED_FACES
+    from toolchain.calibration import BUNDLED_FACES
     from toolchain.compare import _write, score_vs
     from toolchain.eval import face
 

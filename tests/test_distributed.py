@@ -274,8 +274,8 @@ def test_user_error_in_the_ranks_is_one_line_and_2(tiny_model_path, calib_dir, t
     """A check that fails inside every rank (a --rule that matches no layer of the loaded model): one ``error:``
     line, no torchrun log lines (``Sending process … SIGTERM``, ``failed (exitcode: 2)``), exit 2, nothing written.
     A calibration set of the wrong task (SR pairs for a same-size face model) is refused by the launcher itself."""
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import build_calibration_set
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     base = [sys.executable, "-m", "toolchain", "quantize", "--model", str(tiny_model_path), "--method", "minmax", "--bits", "w4a4",

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from conftest import tiny_batches
-from export.hadamard_onnx import DOMAIN, function_protos
-from export.onnx_backend import export_onnx, validate_onnx
-from export.parts import part_module
-from export.qdq.layer_parity import layer_models, layer_parity, relative_error
-from export.qdq.runtime import ort_session
-from export.validate import compare
+from toolchain.export.hadamard_onnx import DOMAIN, function_protos
+from toolchain.export.onnx_backend import export_onnx, validate_onnx
+from toolchain.export.parts import part_module
+from toolchain.export.qdq.layer_parity import layer_models, layer_parity, relative_error
+from toolchain.export.qdq.runtime import ort_session
+from toolchain.export.validate import compare
 from toolchain.balance.hadamard import hadamard_matrix
 from toolchain.errors import ExportError
 from toolchain.methods import MethodContext
@@ -34,7 +34,7 @@ from toolchain.quant.config import QuantConfig
 @pytest.mark.parametrize("n", [4, 12, 20, 40, 96, 320])
 @pytest.mark.parametrize("layout", ["HadamardNCHW", "HadamardLast"])
 def test_hadamard_function_equals_dense_product(n, layout):
-    from export.prepare import hadamard_factors
+    from toolchain.export.prepare import hadamard_factors
 
     hm, hp = hadamard_factors(n)
     shape = [2, n, 3, 5] if layout == "HadamardNCHW" else [2, 7, n]
@@ -95,7 +95,7 @@ def test_w4a4_export_matches_fake_quant_end_to_end(tiny_model_path, tmp_path):
 
 
 def test_graph_shapes_no_default_fusion_can_change(tiny_model_path, tmp_path):
-    """What keeps a default ORT session exact (export/ops.py): unsigned activation containers
+    """What keeps a default ORT session exact (toolchain/export/ops.py): unsigned activation containers
     (symmetric grids shifted by 128), 5–8-bit weights in uint8 with zero point 128, narrowing Clips
     on the integers between Q and DQ, and float biases outside every conv/matmul with DQ inputs."""
     from toolchain.quant.config import LayerRule
@@ -158,7 +158,7 @@ def test_graph_shapes_no_default_fusion_can_change(tiny_model_path, tmp_path):
     ("qartsr", "w4a4", {"timestep_offsets": [-100], "steps_per_module": 0, "e2e_steps": 2}),  # a non-default timestep to fold
 ])
 def test_export_is_exact_per_layer_and_as_good_as_fake_quant(tiny_model_path, tmp_path, method, bits, params):
-    """Fake quantization is discontinuous at float precision (export/validate.py): ORT and PyTorch agree
+    """Fake quantization is discontinuous at float precision (toolchain/export/validate.py): ORT and PyTorch agree
     until a one-ULP difference (different conv / Hadamard accumulation order) crosses a rounding
     boundary; fine 8-bit grids and the online rotations make that likely, and the flips then spread.
     So every layer must match on its real input (teacher-forced), and end to end the ORT model must be
@@ -284,7 +284,7 @@ def test_float_layers_stored_as_float16_in_quantized_exports(tiny_model_path, tm
     bytes, validation compares with the alike-rounded model (still exact), and a float model keeps float32."""
     import onnx
 
-    from export.prepare import export_module, float_layers
+    from toolchain.export.prepare import export_module, float_layers
 
     model = _quantized(tiny_model_path, "minmax", "w4a4")
     names = float_layers(export_module(model).module)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_batches
-from export.onnx_backend import export_onnx
-from export.qdq.output_grids import default_calib_inputs
-from export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
-from export.validate import compare
+from toolchain.export.onnx_backend import export_onnx
+from toolchain.export.qdq.output_grids import default_calib_inputs
+from toolchain.export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
+from toolchain.export.validate import compare
 from toolchain.errors import ExportError
 from toolchain.methods import MethodContext
 from toolchain.models import load_model
@@ -91,7 +91,7 @@ def test_ort_format_fuses_every_layer_and_matches_fake_quant(ref_model_path, hel
     """Reference model, 128 px, MinMax calibrated on the bundled faces: ORT's optimised graph holds one fused
     integer node per quantized conv/linear, and the ORT output on held-out faces is within the stated PSNR of
     the PyTorch fake-quant model (the gap is the 8-bit requantization of op outputs the ort format adds)."""
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
 
     fp = load_model(ref_model_path)
     calib = default_calib_inputs(fp, "full", 3)

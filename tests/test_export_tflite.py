@@ -44,7 +44,7 @@ def test_quantized_layers_run_as_integer_ops_with_our_scales(mp_checkpoint):
 
 
 def test_precision_sidecar_matches_the_mixed_precision_table(mp_checkpoint):
-    from export.litert.metadata import METADATA_KEY, read_metadata
+    from toolchain.export.litert.metadata import METADATA_KEY, read_metadata
     from toolchain.alloc.table import load_table
 
     precision = json.loads(mp_checkpoint["out"].with_suffix(".precision.json").read_text())
@@ -73,9 +73,9 @@ def test_interpreter_output_against_pytorch(mp_checkpoint):
 
 
 def test_float_tflite_matches_pytorch(tiny_model_path, tmp_path):
-    from export.parts import part_module
-    from export.litert.runtime import run_tflite
-    from export.tflite_backend import export_tflite
+    from toolchain.export.parts import part_module
+    from toolchain.export.litert.runtime import run_tflite
+    from toolchain.export.tflite_backend import export_tflite
     from toolchain.models import load_model
 
     model = load_model(tiny_model_path)
@@ -95,10 +95,10 @@ def test_fp16_tflite_for_the_gpu_delegate(tiny_model_path, calib_dir, tmp_path, 
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-    from export.litert.runtime import run_tflite
-    from export.parts import part_inputs
-    from export.validate import compare
-    from calibration.dataset import CalibrationSet
+    from toolchain.export.litert.runtime import run_tflite
+    from toolchain.export.parts import part_inputs
+    from toolchain.export.validate import compare
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.models import load_model
 
     out = tmp_path / "fp16.tflite"
@@ -138,8 +138,8 @@ def _stored_weight_ints(path):
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-    from export.litert.locate import op_names as _op_names
-    from export.litert.weights import weight_ints
+    from toolchain.export.litert.locate import op_names as _op_names
+    from toolchain.export.litert.weights import weight_ints
 
     model = fbu.read_model_from_bytearray(bytearray(path.read_bytes()))
     sg = model.subgraphs[0]
@@ -157,8 +157,8 @@ def _stored_weight_ints(path):
 def test_int4_packing_matches_ai_edge_quantizer():
     from ai_edge_quantizer.transformations.transformation_utils import pack_data
 
-    from export.int4 import pack_int4 as _pack_int4
-    from export.int4 import unpack_int4 as _unpack_int4
+    from toolchain.export.int4 import pack_int4 as _pack_int4
+    from toolchain.export.int4 import unpack_int4 as _unpack_int4
 
     v = np.random.default_rng(0).integers(-8, 8, size=37).astype(np.int8)
     assert np.array_equal(_pack_int4(v), pack_data(4, v.copy()))
@@ -202,7 +202,7 @@ def test_6bit_weights_are_stored_on_their_own_grid(tiny_model_path, calib_dir, t
     assert len(stored) == rep["layers_quantized"] > 0 and rep["weight_grid_mismatches"] == []
     assert max(int(np.abs(v).max()) for _, v in stored) == 31
     model, _ = load_quantized(ck)
-    from export.prepare import export_module
+    from toolchain.export.prepare import export_module
 
     module = export_module(model, "float").module
     ours = sorted(int(np.abs(m.design_weight_int.numpy()).sum()) for m in module.modules() if hasattr(m, "design_weight_int"))
@@ -247,7 +247,7 @@ def passionsr_checkpoint(tiny_model_path, tmp_path_factory):
 def test_online_transform_folds_exactly_into_its_producer(passionsr_checkpoint, monkeypatch):
     """The float flavour (TFLite) folds quant_conv's (x − δ)·m into encoder.conv_out and decoder.conv_in's m into
     post_quant_conv: same weight integers, scales s_w·m, and the same network output to float rounding."""
-    import export.prepare as prep
+    import toolchain.export.prepare as prep
     from conftest import tiny_batches
     from toolchain.quant.checkpoint import load_quantized
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-FACES = Path(__file__).resolve().parents[1] / "calibration" / "faces"
+FACES = Path(__file__).resolve().parents[1] / "toolchain" / "calibration" / "faces"
 
 
 def _face(name: str, size: int = 256) -> torch.Tensor:

@@ -10,13 +10,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("toolchain", "calibration", "export")
+PACKAGES = ("toolchain",)
 
 # lowest first; a package may import packages of its own layer or below (loops are caught separately)
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("toolchain", "toolchain.errors", "toolchain.defaults", "toolchain.topology", "toolchain.distributed", "toolchain.io",
      "toolchain.cpu"),
-    ("toolchain.models", "calibration", "toolchain.pipeline"),
+    ("toolchain.models", "toolchain.calibration", "toolchain.pipeline"),
     ("toolchain.quant",),  # the fake-quant core and the registries below the quantize_ verb
     ("toolchain.recipe",),  # recipe files, checked against the registries
     ("toolchain.balance",),
@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("toolchain.lowrank",),
     ("toolchain.alloc",),
     ("toolchain.methods",),
-    ("export", "toolchain.compare"),
+    ("toolchain.export", "toolchain.compare"),
     ("toolchain.profile",),  # runs exported files (and reads their signatures / stages)
     ("toolchain.commands", "toolchain.cli", "toolchain.__main__"),
 )

@@ -36,7 +36,7 @@ def test_w8a8_close_to_fp_and_w4a4_worse(tiny_model_path):
 
 
 def test_trained_reference_w8a8_is_near_lossless(ref_model_path, heldout_dir):
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
 
     data = CalibrationSet.open(heldout_dir)
     batches = data.batches(128, 4, limit=8)

@@ -83,7 +83,7 @@ def test_token_selection_pads_with_zero_rows():
 
 
 def test_reference_model_restores_better_than_input(ref_model_path, heldout_dir):
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.eval.metrics import psnr, st_lpips
 
     model = load_model(ref_model_path)

@@ -137,9 +137,9 @@ def test_prompt_embedding_as_a_bare_tensor_pt(release, tmp_path):
 def test_restore_quantize_and_export_on_osediff(imported, tmp_path):
     import numpy as np
 
-    from export.onnx_backend import export_onnx
-    from export.qdq.runtime import ort_session
-    from export.parts import part_module
+    from toolchain.export.onnx_backend import export_onnx
+    from toolchain.export.qdq.runtime import ort_session
+    from toolchain.export.parts import part_module
     from toolchain.methods import MethodContext
     from toolchain.models import load_model
     from toolchain.pipeline.restore import restore_arrays

@@ -35,10 +35,10 @@ def _lr(n, seed):
 
 
 def test_onnx_export_parity(sr_checkpoint):
-    from export.onnx_backend import export_onnx
-    from export.qdq.layer_parity import layer_parity
-    from export.qdq.runtime import ort_session
-    from export.validate import compare
+    from toolchain.export.onnx_backend import export_onnx
+    from toolchain.export.qdq.layer_parity import layer_parity
+    from toolchain.export.qdq.runtime import ort_session
+    from toolchain.export.validate import compare
     from toolchain.models import load_model
     from toolchain.quant.calibrate import quant_layers
     from toolchain.quant.checkpoint import load_quantized
@@ -81,9 +81,9 @@ def test_tflite_export_parity(sr_checkpoint):
 def test_float_part_exports_take_no_prompt_input(tmp_path):
     """The UNet part of a constant-prompt model has one input (the latent): its cross-attention k/v are
     folded constants, so a prompt input would be dead."""
-    from export.onnx_backend import export_onnx
-    from export.parts import part_inputs, part_module
-    from export.qdq.runtime import ort_session
+    from toolchain.export.onnx_backend import export_onnx
+    from toolchain.export.parts import part_inputs, part_module
+    from toolchain.export.qdq.runtime import ort_session
     from toolchain.models import build_model, preset
 
     model = build_model(preset("osediff-tiny"), seed=0)

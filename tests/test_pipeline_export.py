@@ -1,4 +1,4 @@
-"""One-file pipelines (export/pipeline.py): a TFLite with a `restore` signature and one per stage, an ONNX graph with
+"""One-file pipelines (toolchain/export/pipeline.py): a TFLite with a `restore` signature and one per stage, an ONNX graph with
 named stage outputs; every signature/stage against its PyTorch part, the chained stages against restore, and the
 fixed-shape refusal (LiteRT cannot resize these graphs).
 
@@ -39,7 +39,7 @@ def tflite_pipeline(w8a8, calib_dir):
 
 
 def _images(model, calib_dir, n=2):
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
 
     return CalibrationSet.open(calib_dir).batches(model.image_size, 1, limit=n)
 
@@ -74,10 +74,10 @@ def test_tflite_pipeline_has_named_signatures_and_one_copy_of_each_weight(tflite
 
 def test_each_tflite_signature_matches_its_pytorch_part(tflite_pipeline, w8a8, calib_dir):
     """Each signature run in LiteRT (XNNPACK) on the inputs its stage sees in the fake-quant pipeline vs that PyTorch part."""
-    from export.litert.runtime import tflite_runner
-    from export.parts import part_module
-    from export.pipeline import signature_inputs, signatures_of
-    from export.validate import compare
+    from toolchain.export.litert.runtime import tflite_runner
+    from toolchain.export.parts import part_module
+    from toolchain.export.pipeline import signature_inputs, signatures_of
+    from toolchain.export.validate import compare
     from toolchain.quant.checkpoint import load_quantized
 
     model, _ = load_quantized(w8a8 / "ck")
@@ -99,7 +99,7 @@ def test_each_tflite_signature_matches_its_pytorch_part(tflite_pipeline, w8a8, c
 
 
 def test_tflite_stage_signatures_chained_equal_restore(tflite_pipeline, w8a8, calib_dir):
-    from export.litert.runtime import tflite_runner
+    from toolchain.export.litert.runtime import tflite_runner
     from toolchain.quant.checkpoint import load_quantized
 
     model, _ = load_quantized(w8a8 / "ck")
@@ -120,7 +120,7 @@ def test_fixed_shape_tflite_refuses_other_shapes_with_one_error_line(tflite_pipe
     profile refuse another shape with one line naming the baked shape."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from export.litert.runtime import tflite_runner
+    from toolchain.export.litert.runtime import tflite_runner
     from toolchain.errors import InputError
 
     raw = Interpreter(model_path=str(tflite_pipeline)).get_signature_runner("restore")
@@ -160,12 +160,12 @@ def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(onnx_pipelin
     """One ONNX graph: the stage tensors are named outputs, each stage cut out of the file (onnx_stage) runs in ORT on
     its own against its PyTorch part (with the float16-stored float layers rounded alike), and the cut-out stages
     chained give the full graph's output."""
-    from export.onnx_backend import FLOAT16_LAYERS_KEY
-    from export.parts import part_module
-    from export.pipeline import onnx_stage, signature_inputs
-    from export.prepare import with_float16_weights
-    from export.qdq.runtime import ort_session
-    from export.validate import compare
+    from toolchain.export.onnx_backend import FLOAT16_LAYERS_KEY
+    from toolchain.export.parts import part_module
+    from toolchain.export.pipeline import onnx_stage, signature_inputs
+    from toolchain.export.prepare import with_float16_weights
+    from toolchain.export.qdq.runtime import ort_session
+    from toolchain.export.validate import compare
     from toolchain.quant.checkpoint import load_quantized
 
     out = onnx_pipeline
@@ -202,7 +202,7 @@ def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(onnx_pipelin
 def test_onnx_pipeline_profile_per_stage_and_fixed_shape_refusal(onnx_pipeline, tmp_path, capfd):
     import onnxruntime as ort
 
-    from export.qdq.runtime import ort_session
+    from toolchain.export.qdq.runtime import ort_session
 
     out = onnx_pipeline
     full = ort_session(out, threads=2)
@@ -218,7 +218,7 @@ def test_onnx_pipeline_profile_per_stage_and_fixed_shape_refusal(onnx_pipeline, 
 
 
 def test_osediff_signatures_have_no_embedder_and_a_latent_only_unet():
-    from export.pipeline import onnx_output_names, signatures_of
+    from toolchain.export.pipeline import onnx_output_names, signatures_of
     from toolchain.models import build_model, preset
 
     model = build_model(preset("osediff-tiny"), seed=0)
@@ -229,8 +229,8 @@ def test_osediff_signatures_have_no_embedder_and_a_latent_only_unet():
 
 
 def test_android_loader_uses_the_exporters_signature_names():
-    """LiteRtRestorer looks up `restore` by name; its constants mirror export/pipeline.py."""
-    from export.pipeline import RESTORE, STAGE_IO
+    """LiteRtRestorer looks up `restore` by name; its constants mirror toolchain/export/pipeline.py."""
+    from toolchain.export.pipeline import RESTORE, STAGE_IO
 
     src = (REPO / "android_demo" / "app" / "src" / "main" / "java" / "org" / "quantface" / "demo" / "LiteRtRestorer.java").read_text()
     consts = dict(re.findall(r'static final String (\w+) = "([^"]+)";', src))

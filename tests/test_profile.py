@@ -91,7 +91,7 @@ def test_adb_without_device_is_a_clear_error(tmp_path, capsys):
 
 
 def test_host_profiles_onnx_and_tflite(tiny_model_path, tmp_path):
-    from export.onnx_backend import export_onnx
+    from toolchain.export.onnx_backend import export_onnx
     from toolchain.models import load_model
     from toolchain.profile.host import profile_onnx
 

@@ -113,7 +113,7 @@ def test_calibrate_hq_uses_every_still_image_and_lists_the_rest(tmp_path, capsys
 # ---- calibrate: resume, restart, lock, --out ---------------------------------------------------------------
 
 def _count_degrade(monkeypatch, stop_at: int | None = None) -> list[int]:
-    import calibration.dataset as ds
+    import toolchain.calibration.dataset as ds
 
     calls: list[int] = []
     real = ds.degrade

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from calibration.dataset import CalibrationSet
+from toolchain.calibration.dataset import CalibrationSet
 from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, resolve_metrics, restore_set, score
 from toolchain.eval.grid import save_grid

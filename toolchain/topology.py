@@ -43,7 +43,7 @@ class Topology:
     # input transform of the consumer folds into the producer's output channels. Attention
     # ``to_out.0`` ← ``to_v`` pairs are found structurally (any diffusers Attention) in addition.
     producer_pairs: tuple[tuple[str, str], ...]
-    # export parts (each a method of the model: see export/parts.py)
+    # export parts (each a method of the model: see toolchain/export/parts.py)
     export_parts: tuple[str, ...]
     # the time path a one-step model evaluates at a fixed timestep: modules under ``time_root``
     # named exactly one of ``time_modules`` or ending with one of ``time_suffixes``

@@ -54,8 +54,8 @@ def precision_files(dest: Path) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="golden-"))
     try:
-        from calibration import BUNDLED_FACES
-        from calibration.dataset import build_calibration_set
+        from toolchain.calibration import BUNDLED_FACES
+        from toolchain.calibration.dataset import build_calibration_set
         from toolchain.alloc.table import save_table
         from toolchain.models import build_model, preset, save_model
         from toolchain.quant.checkpoint import read_checkpoint_meta

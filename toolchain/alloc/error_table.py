@@ -31,7 +31,7 @@ def _macs(layer, x: torch.Tensor, y: torch.Tensor) -> int:
 
 def error_table(ckpt: Path, calib: Path, bits: list[int], images: int = 8, batch_size: int = 4, device: str = "cpu") -> dict:
     """{layer: {"errors": {b: Σ‖·‖²}, "elements": per image, "macs": per image, "w_bits": b_w}} (unweighted)."""
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.quant.calibrate import quantizers_off
     from toolchain.quant.checkpoint import load_quantized
 

@@ -105,7 +105,7 @@ def _restore(model, batches: list[torch.Tensor], device) -> torch.Tensor:
 @torch.no_grad()
 def sweep_layers(ckpt: Path, calib: Path, names: list[str], settings: SweepSettings, cache: Path, device: str, progress: bool = True) -> None:
     """Compute B_i for ``names`` (skipping cached ones); writes ``cache/<layer>.json``."""
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.quant.calibrate import quantizers_off
     from toolchain.quant.checkpoint import load_quantized
 

@@ -109,7 +109,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     settings, --bits, --pin, and for `solve` alone the cached error table."""
     stage = args.stage
     if stage in ("sensitivity", "errors", "all"):
-        from calibration.dataset import CalibrationSet
+        from toolchain.calibration.dataset import CalibrationSet
         from toolchain.quant.checkpoint import read_checkpoint_meta
 
         meta = read_checkpoint_meta(args.checkpoint)

@@ -52,8 +52,8 @@ def sr_scale(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import build_calibration_set
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import build_calibration_set
 
     from toolchain.io.images import scan_images
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise OutputError(f"--out {args.out} is an existing file; compare writes a folder (table, grids, cache)")
     check_not_input(args.out, [args.spec, args.model, args.calib, args.eval], replaced_whole=False)
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.models.storage import model_config
 
     upscale = int(getattr(model_config(resolve_model_path(args.model)), "upscale", 1) or 1)

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overwrite_arg(p)
     p.add_argument("--part", choices=PARTS, default="full", help="whole LQ→restored pipeline (default: one file that also holds each stage — TFLite signatures restore, "
                         "vae_encoder, embedder, unet, vae_decoder; ONNX: the stage tensors as named outputs, stages cut out "
-                        "with export.pipeline.onnx_stage) or one stage")
+                        "with toolchain.export.pipeline.onnx_stage) or one stage")
     p.add_argument("--dynamic", action="store_true",
                    help="ONNX: dynamic batch and spatial size. The UNet's skip concatenations need height and width to be "
                         "multiples of the model's total downsampling (full: VAE factor x UNet factor, e.g. 4 for tiny, 16 for ref, "
@@ -83,8 +83,8 @@ def load_for_export(args: argparse.Namespace):
 
 
 def validation_inputs(model, part: str, calib: Path, images: int):
-    from calibration.dataset import CalibrationSet
-    from export.parts import part_inputs
+    from toolchain.calibration.dataset import CalibrationSet
+    from toolchain.export.parts import part_inputs
 
     return part_inputs(model, part, CalibrationSet.open(calib).batches(model.image_size, 1, limit=images))
 
@@ -127,7 +127,7 @@ def _run_locked(args: argparse.Namespace) -> int:
 
     if args.validate and args.calib is None:
         raise ConfigError("--validate needs --calib (a calibration set to run)")
-    from export.backend import ExportOptions, get_backend
+    from toolchain.export.backend import ExportOptions, get_backend
 
     options = ExportOptions(part=args.part, dynamic=args.dynamic, qdq_format=args.qdq_format, weight_container=args.weight_container,
                             precision=args.precision, float_weights=args.float_weights, mp_table=args.mp_table)
@@ -135,7 +135,7 @@ def _run_locked(args: argparse.Namespace) -> int:
     backend = get_backend(args.target)
     model, meta = load_for_export(args)
     if args.calib is not None:  # a set of the other task (SR pairs for a face model, or the reverse) is refused
-        from calibration.dataset import CalibrationSet
+        from toolchain.calibration.dataset import CalibrationSet
 
         CalibrationSet.open(args.calib).check_for(int(getattr(model.config, "upscale", 1) or 1))
     out: Path = args.out

@@ -73,7 +73,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     """`toolchain model stats`: see toolchain.eval.model_stats."""
     import platform
 
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.commands.common import resolve_model_path
     from toolchain.defaults import device_from_arg
     from toolchain.errors import CheckpointError, OutputError, UsageError

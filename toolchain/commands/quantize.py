@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite)
     if getattr(args, "nproc_per_node", None) not in (None, 1) and not D.launched():
         get_method_checked(args)  # bad method parameters: one error line here, before any rank starts
-        from calibration.dataset import CalibrationSet
+        from toolchain.calibration.dataset import CalibrationSet
         from toolchain.models.storage import model_config
 
         CalibrationSet.open(args.calib).check_for(int(getattr(model_config(model_path, args.preset), "upscale", 1) or 1))
@@ -167,7 +167,7 @@ def _run_locked(args: argparse.Namespace, model_path: Path, device) -> int:
 
     from toolchain import distributed as D
 
-    from calibration.dataset import CalibrationSet
+    from toolchain.calibration.dataset import CalibrationSet
     from toolchain.io.resume import prepare_workdir
     from toolchain.quant.registry import MethodContext, get_method
     from toolchain.models.storage import load_model

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from calibration.dataset import CalibrationSet
+from toolchain.calibration.dataset import CalibrationSet
 from toolchain.errors import ConfigError, MissingWeightsError
 from toolchain.eval import metrics as M
 

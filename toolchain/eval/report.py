@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from calibration.dataset import CalibrationSet
+from toolchain.calibration.dataset import CalibrationSet
 from toolchain.defaults import resolve_model_path
 from toolchain.errors import CheckpointError
 from toolchain.eval.accounting import count

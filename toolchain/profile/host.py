@@ -97,16 +97,16 @@ def host_info() -> dict[str, Any]:
 def profile_tflite(path: str | os.PathLike, threads: int = 4, runs: int = 20, warmup: int = 3, xnnpack: bool = True,
                    shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Time the LiteRT interpreter on random inputs (float32 in [-1, 1]), every signature of the file: a one-file
-    pipeline (export/pipeline.py) gets ``signatures`` = {name: {"inputs": {input: shape}, "inference_ms": {...}}},
+    pipeline (toolchain/export/pipeline.py) gets ``signatures`` = {name: {"inputs": {input: shape}, "inference_ms": {...}}},
     ``restore`` first; the top-level ``inference_ms`` is the default signature's (``restore``, or the only one).
 
-    A TFLite export has its input shapes baked in (LiteRT cannot resize these graphs, export/litert/runtime.py:
+    A TFLite export has its input shapes baked in (LiteRT cannot resize these graphs, toolchain/export/litert/runtime.py:
     check_shape), so ``shapes`` (see ``parse_shapes``; a name applies to that input in every signature, ``#k`` to the
     default signature's k-th input) may only repeat them. Returns the report dict (times in ms). Raises InputError
     for a file LiteRT cannot load or a shape other than the baked one, ConfigError for a --shape naming no input."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from export.litert.runtime import check_shape, default_signature, input_order
+    from toolchain.export.litert.runtime import check_shape, default_signature, input_order
     from toolchain.errors import ConfigError, InputError
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -190,7 +190,7 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
     res = _timed(lambda: sess.run(None, feeds), warmup, runs)
     report: dict[str, Any] = {"runtime": f"onnxruntime {ort.__version__} CPU", "threads": threads, "init_ms": init_ms, "inference_ms": res,
                               "model_bytes": Path(path).stat().st_size + (Path(str(path) + ".data").stat().st_size if Path(str(path) + ".data").exists() else 0)}
-    from export.pipeline import RESTORE, onnx_stage, onnx_stages
+    from toolchain.export.pipeline import RESTORE, onnx_stage, onnx_stages
 
     stages = onnx_stages(sess)
     if stages:  # a one-file pipeline: each stage cut out of it and timed on its own (what ORT Mobile / an NPU runs per stage)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from calibration.dataset import square_resize
-from calibration.degrade import DegradationConfig, degrade
+from toolchain.calibration.dataset import square_resize
+from toolchain.calibration.degrade import DegradationConfig, degrade
 from toolchain.io.images import load_image
 
 

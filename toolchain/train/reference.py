@@ -151,7 +151,7 @@ def train_reference(a: ReferenceTrainingArgs) -> dict[str, Any]:
 
 def degraded_pairs(files: list[Path], size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(LQ, HQ) float32 (N, 3, size, size) tensors in [0, 1]: each face degraded once with ``seed``."""
-    from calibration.degrade import degrade
+    from toolchain.calibration.degrade import degrade
 
     lq_all, hq_all = [], []
     for i, f in enumerate(load_faces(files, size)):
@@ -176,7 +176,7 @@ def restore_batched(model: OSDFaceModel, lq: torch.Tensor, device: torch.device,
 
 def heldout_quality(model: OSDFaceModel, files: list[Path], size: int, seed: int, device: torch.device) -> dict[str, float]:
     """PSNR / ST-LPIPS vs HQ of the degraded input and of the restored output, on held-out faces."""
-    from calibration.degrade import degrade
+    from toolchain.calibration.degrade import degrade
 
     faces = load_faces(files, size)
     lq_all, hq_all, out_all = [], [], []
@@ -222,7 +222,7 @@ activation statistics. It is a research stand-in, not OSDFace: small, {info['ima
 | parameters | {info['params_M']} M (stored as float16, loaded as float32) |
 | input | {info['image_size']}×{info['image_size']} RGB face, [-1, 1] |
 | data | UTKFace aligned & cropped (subset in `../shared/assets/faces/utkface`, non-commercial research licence; not redistributed here): {info['train_faces']} training faces; every {info.get('holdout_every', 10)}th file in name order ({info['heldout_faces']} faces) held out and never used for training or calibration |
-| degradations | `calibration.degrade` second-order pipeline (blur → downsample → noise → JPEG, twice), a fresh draw per sample, seeded by step |
+| degradations | `toolchain.calibration.degrade` second-order pipeline (blur → downsample → noise → JPEG, twice), a fresh draw per sample, seeded by step |
 | training | {info.get('steps_done', info['steps'])} of {info['steps']} scheduled steps, batch {info['batch_size']}, AdamW lr {info['lr']} cosine, bf16 autocast, seed {info['seed']} |
 | device / time | {info['device']}, {info.get('train_seconds_total', info['train_seconds_this_session'])} s of training |{_stopping_row(info)}
 | loss | L1 + 0.5·ST-LPIPS (restoration) + L1 + 0.25·ST-LPIPS (VAE reconstruction) + 0.1·latent MSE + VQ |

@@ -35,7 +35,7 @@ def match_layers(float_bytes: bytes, module: torch.nn.Module, layer_names: list[
     weight values up to a positive global factor (the converter folds constant multipliers such as the
     attention 1/√d into the preceding weights).
 
-    A multi-signature file (export/pipeline.py) has one subgraph per signature and runs a layer in several of
+    A multi-signature file (toolchain/export/pipeline.py) has one subgraph per signature and runs a layer in several of
     them: pass one list of layer names (and one constant set) per subgraph. Each layer's entry then holds its
     op in the first subgraph that runs it (``subgraph``, ``input``, ``output``, ``weight``, ``fused_activation``,
     ``factor``) and ``sites``: one such dict per subgraph that runs it. Raises ExportError when a layer a

@@ -1,4 +1,4 @@
-"""The neutral export description: what the shared folding step (export/prepare.py) hands every target.
+"""The neutral export description: what the shared folding step (toolchain/export/prepare.py) hands every target.
 
 ``export_module`` turns a quantized checkpoint into an export-ready PyTorch module plus one typed
 ``LayerSpec`` per quantized layer; the ONNX and TFLite targets read these (never dicts of strings) and
@@ -75,7 +75,7 @@ class LayerSpec:
 
 @dataclass
 class ExportDescription:
-    """The export-ready module (a folded deep copy of the model, see export/prepare.py), the flavour its
+    """The export-ready module (a folded deep copy of the model, see toolchain/export/prepare.py), the flavour its
     quantized layers were built in (``qdq`` | ``ort`` | ``float``) and one LayerSpec per quantized layer."""
 
     module: nn.Module

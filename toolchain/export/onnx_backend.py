@@ -9,11 +9,11 @@
 * ``qdq_format="ort"``: every quantized conv/linear with an 8-bit input grid becomes a node unit ONNX
   Runtime fuses (DQ → Conv/MatMul ← DQ(int8 weight) [← DQ(int32 bias)] → Q → DQ): QLinearConv,
   QLinearMatMul, QGemm. Its output Q is an 8-bit requantization the fake-quant model does not have,
-  calibrated on sample inputs (export/qdq/output_grids.py); ``ort_fused_nodes`` counts what ORT fused.
+  calibrated on sample inputs (toolchain/export/qdq/output_grids.py); ``ort_fused_nodes`` counts what ORT fused.
 * Models over 2 GB are written with external data (``model.onnx`` + ``model.onnx.data``).
 
-The graph steps live in export/qdq/ (graph.py: finalize/merge/save; runtime.py: ORT sessions;
-output_grids.py; layer_parity.py); validation is the shared export/validate.py.
+The graph steps live in toolchain/export/qdq/ (graph.py: finalize/merge/save; runtime.py: ORT sessions;
+output_grids.py; layer_parity.py); validation is the shared toolchain/export/validate.py.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 import onnx
 import torch
 
-from export.backend import ExportOptions, Inputs
-from export.parts import part_module
-from export.prepare import ExportQuantLayer, export_module, store_float_weights_fp16, with_float16_weights
-from export.qdq.graph import finalize, merge_requantizations, move_group, save_checked
-from export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
+from toolchain.export.backend import ExportOptions, Inputs
+from toolchain.export.parts import part_module
+from toolchain.export.prepare import ExportQuantLayer, export_module, store_float_weights_fp16, with_float16_weights
+from toolchain.export.qdq.graph import finalize, merge_requantizations, move_group, save_checked
+from toolchain.export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
 from toolchain.errors import ExportError
 
 OPSET = 21
@@ -41,7 +41,7 @@ FLOAT16_LAYERS_KEY = "quantface_float16_layers"  # ONNX metadata: JSON list of t
 
 def _ort_format(desc, wrapped, model, options: ExportOptions) -> dict[str, Any]:
     """Calibrate the ``ort`` format's op output grids; returns the report's ort_* entries."""
-    from export.qdq.output_grids import calibrate_output_grids, default_calib_inputs
+    from toolchain.export.qdq.output_grids import calibrate_output_grids, default_calib_inputs
 
     module = desc.module
     fusable = [n for n, m in module.named_modules() if isinstance(m, ExportQuantLayer) and m.flavour == "ort"]
@@ -84,17 +84,17 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
     wrapped, inputs, in_names, out_names = part_module(desc.module, options.part)
     ort_report = _ort_format(desc, wrapped, model, options) if fused_format else {}
     # --part full: one graph for the whole pipeline with the stage tensors as named extra outputs and the stage table in
-    # the metadata (export/pipeline.py); a --dynamic export keeps the single-output graph (its crop back to the input
+    # the metadata (toolchain/export/pipeline.py); a --dynamic export keeps the single-output graph (its crop back to the input
     # size ties the decoder to the input's shape, so the decoder stage could not be cut out on its own)
     pipeline = options.part == "full" and not options.dynamic
     if pipeline:
-        from export.pipeline import OnnxPipeline, onnx_output_names
+        from toolchain.export.pipeline import OnnxPipeline, onnx_output_names
 
         wrapped, out_names = OnnxPipeline(desc.module).eval(), onnx_output_names(desc.module)
     padded = False
     axes = {}
     if options.dynamic:  # any height/width: pad to the multiple the skip Concats need, crop back (export.parts)
-        from export.parts import pad_for_dynamic
+        from toolchain.export.parts import pad_for_dynamic
 
         wrapped, padded = pad_for_dynamic(wrapped, model.config, options.part)
         for name, t in zip(in_names + out_names, list(inputs) + [None] * len(out_names)):
@@ -114,7 +114,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
         onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                             FLOAT16_LAYERS_KEY: json.dumps(float16_layers)})
         if options.dynamic:  # say which spatial sizes the graph accepts (its skip Concats fail on others)
-            from export.parts import spatial_multiple
+            from toolchain.export.parts import spatial_multiple
 
             report["spatial_multiple"] = spatial_multiple(model.config, options.part)
             report["pads_to_multiple"] = padded
@@ -122,7 +122,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
                                                 "quantface_spatial_multiple": str(report["spatial_multiple"]),
                                                 "quantface_pads_to_multiple": str(padded).lower()})
         if pipeline:
-            from export.pipeline import STAGES_KEY, onnx_stage_table
+            from toolchain.export.pipeline import STAGES_KEY, onnx_stage_table
 
             table = onnx_stage_table(desc.module)
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, STAGES_KEY: json.dumps(table)})
@@ -146,11 +146,11 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
 def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: Inputs, threads: int | None = None) -> dict[str, Any]:
     """The exported graph in a *default* ORT session (``default``, what ``InferenceSession(path)`` gives)
     and with every graph optimisation off (``no_optimizations``, the ONNX reference semantics) vs the
-    PyTorch model (export/validate.py: validate_runs) — with the float layers the file stores in float16
+    PyTorch model (toolchain/export/validate.py: validate_runs) — with the float layers the file stores in float16
     (its metadata) rounded alike, so the figure measures the export, not that storage choice. ORT's float conv sums depend on its thread count,
     so at ≤ 4-bit activations the end-to-end figure can differ between thread counts by a cascade of
     rounding flips (the per-layer check cannot); pass ``threads`` to make a figure reproducible."""
-    from export.validate import validate_runs
+    from toolchain.export.validate import validate_runs
 
     sessions = {"default": ort_session(path, threads), "no_optimizations": ort_session(path, threads, optimize=False)}
     float16 = json.loads(sessions["default"].get_modelmeta().custom_metadata_map.get(FLOAT16_LAYERS_KEY, "[]"))
@@ -166,7 +166,7 @@ def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: I
     if float16:
         extra["reference"] = "the PyTorch model with its float (not quantized) layers' weights rounded to float16, as the file stores them"
     summary = validate_runs({k: runner(s) for k, s in sessions.items()}, reference, part, inputs, "onnx", extra)
-    from export.pipeline import onnx_stage, onnx_stages, signature_inputs, RESTORE
+    from toolchain.export.pipeline import onnx_stage, onnx_stages, signature_inputs, RESTORE
 
     stages = onnx_stages(sessions["default"]) if part == "full" else None
     if not stages:
@@ -184,9 +184,9 @@ def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: I
                                      per_stage[key], "onnx")
     summary = dict(summary)
     summary["signatures"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("note", "cpu")} for k, v in results.items()}
-    from export.pipeline import signatures_of
-    from export.tflite_backend import stage_chain_check
-    from export.validate import compare
+    from toolchain.export.pipeline import signatures_of
+    from toolchain.export.tflite_backend import stage_chain_check
+    from toolchain.export.validate import compare
 
     runners = {k: runner(v["default"], stages[k]["inputs"]) for k, v in stage_sessions.items()}
     runners[RESTORE] = runner(sessions["default"])
@@ -195,7 +195,7 @@ def validate_onnx(path: str | Path, model: torch.nn.Module, part: str, inputs: I
 
 
 class OnnxBackend:
-    """``--target onnx`` (export/backend.py: ExportBackend)."""
+    """``--target onnx`` (toolchain/export/backend.py: ExportBackend)."""
 
     target = "onnx"
     suffix = ".onnx"

@@ -7,7 +7,7 @@ implementations with different float accumulation orders (ORT's MLAS vs PyTorch'
 therefore agree exactly until the first flip and then diverge towards the quantization-noise
 level. ``validate_runs`` reports, per image, the runtime vs PyTorch together with the *float-noise floor* —
 PyTorch against itself with 1e-7 relative noise on every conv/linear output — so a mismatch can
-be told apart from an export bug; ``export.qdq.layer_parity`` checks every quantized layer on its real
+be told apart from an export bug; ``toolchain.export.qdq.layer_parity`` checks every quantized layer on its real
 input (teacher-forced), where an export bug cannot hide.
 
 One routine serves both targets: each target hands ``validate_runs`` its ways of running the
@@ -15,7 +15,7 @@ exported file (ONNX: a *default* ONNX Runtime session — what a user's ``Infere
 does — and one with every graph optimisation off, the ONNX reference semantics; TFLite: LiteRT's
 default interpreter with XNNPACK and its built-in kernels alone); every run is compared with the
 fake-quant model and with full precision on the same inputs, beside the float-noise floor, and the
-CPU's ISA is named, because runtimes pick integer kernels by CPU (export/ops.py).
+CPU's ISA is named, because runtimes pick integer kernels by CPU (toolchain/export/ops.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.parts import part_module
+from toolchain.export.parts import part_module
 from toolchain.cpu import cpu_isa
 
 Runner = Callable[[tuple[torch.Tensor, ...]], np.ndarray]
@@ -34,7 +34,7 @@ Runner = Callable[[tuple[torch.Tensor, ...]], np.ndarray]
 NOTE = ("Exported graph vs the PyTorch fake-quant model. At <= 4-bit activations one float ULP (runtimes and PyTorch sum "
         "convolutions in different orders) that crosses a rounding boundary moves a value a whole step and the flips cascade, "
         "so vs_fake_quant can be low (~20 dB) for a correct export; float_noise_floor shows PyTorch against itself under 1e-7 "
-        "relative noise. Whether an ONNX export is exact is checked layer by layer (export.qdq.layer_parity); whether it is as "
+        "relative noise. Whether an ONNX export is exact is checked layer by layer (toolchain.export.qdq.layer_parity); whether it is as "
         "good is vs_fp here and vs HQ in toolchain eval.")
 
 
@@ -75,7 +75,7 @@ def validate_runs(runs: dict[str, Runner], model: nn.Module, part: str, batches:
     """Each way of running an exported file vs the PyTorch model it came from, on every input tuple.
 
     Args: runs: name → function(input tuple) → first output as a numpy array (the first run is the one a
-    user gets by default); model: the fake-quant (or float) PyTorch model; part: as in export/parts.py;
+    user gets by default); model: the fake-quant (or float) PyTorch model; part: as in toolchain/export/parts.py;
     batches: input tuples of float32 tensors in the part's layout (images in [-1, 1]); target: ``onnx`` |
     ``tflite``. Returns ``metric`` (``psnr_db`` in dB on the [0, 1] scale for image outputs — ``full``,
     ``vae_decoder`` — else ``max_abs_error``), per run ``runs[name].vs_fake_quant`` / ``vs_fp`` (worst and

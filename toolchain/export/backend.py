@@ -1,6 +1,6 @@
 """The export seam: the options every target takes, the interface each target implements, and the
-registry the CLI dispatches through (NNCF-style: one shared folding step, export/prepare.py, then one
-small module per target — export/onnx_backend.py, export/tflite_backend.py).
+registry the CLI dispatches through (NNCF-style: one shared folding step, toolchain/export/prepare.py, then one
+small module per target — toolchain/export/onnx_backend.py, toolchain/export/tflite_backend.py).
 
     backend = get_backend("tflite")
     report = backend.export(model, Path("m.tflite"), ExportOptions(part="full", calib_inputs=samples))
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from export.parts import PARTS
+from toolchain.export.parts import PARTS
 from toolchain.errors import ExportError
 
 QDQ_FORMATS = ("exact", "ort", "ort-s8")
@@ -84,7 +84,7 @@ class ExportOptions:
 class ExportBackend(Protocol):
     """One export target. ``export`` writes ``out`` (and the target's side files beside it, atomically)
     and returns a JSON-serialisable report; ``validate`` runs the written file on ``inputs`` and compares
-    it with ``model`` (export/validate.py: validate_runs)."""
+    it with ``model`` (toolchain/export/validate.py: validate_runs)."""
 
     target: str
     suffix: str
@@ -95,7 +95,7 @@ class ExportBackend(Protocol):
 
 
 # target → "module:class"; imported on first use so that choosing a target loads only its runtime
-BACKENDS = {"onnx": "export.onnx_backend:OnnxBackend", "tflite": "export.tflite_backend:TfliteBackend"}
+BACKENDS = {"onnx": "toolchain.export.onnx_backend:OnnxBackend", "tflite": "toolchain.export.tflite_backend:TfliteBackend"}
 
 
 def get_backend(target: str) -> ExportBackend:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.description import ActInfo, ExportDescription, LayerSpec
-from export.ops import ActQDQ, BiasDQ, Fp16Weight, Hadamard, WeightDQ
+from toolchain.export.description import ActInfo, ExportDescription, LayerSpec
+from toolchain.export.ops import ActQDQ, BiasDQ, Fp16Weight, Hadamard, WeightDQ
 from toolchain.balance.hadamard import _block, factorize, sylvester
 from toolchain.balance.transform import OnlineBalance
 from toolchain.errors import ExportError
@@ -32,7 +32,7 @@ def container_for(bits: int, symmetric: bool) -> tuple[str, torch.dtype, int, in
 
     A symmetric grid is shifted by ``offset`` (128 or 32768) so that it sits in the unsigned type
     exactly; unsigned containers are the ones whose default ORT kernels are exact on every x86 CPU
-    (see export/ops.py). Raises ValueError above 16 bits.
+    (see toolchain/export/ops.py). Raises ValueError above 16 bits.
     """
     if bits <= 8:
         return "uint8", torch.uint8, (128 if symmetric else 0), 0, 255
@@ -259,7 +259,7 @@ class ExportQuantLayer(nn.Module):
         self.weight_3d = not self.is_conv and (self.act is None or self.act.bits > 8)
         self.weight_axis = 0 if self.is_conv else (2 if self.weight_3d else 1)
         stored = w_int if self.is_conv else (w_int.t().contiguous()[None] if self.weight_3d else w_int.t().contiguous())
-        if wq.bits <= 4:  # written as an INT4 initializer (export/onnx_backend.py), no zero point
+        if wq.bits <= 4:  # written as an INT4 initializer (toolchain/export/onnx_backend.py), no zero point
             self.register_buffer("weight_int", stored)
             self.weight_zero_point = None
         else:  # uint8 container, zero point 128: the symmetric grid exactly, and a u8·u8 product in ORT

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.description import LayerSpec
-from export.hadamard_onnx import DOMAIN, function_protos
-from export.int4 import pack_int4
+from toolchain.export.description import LayerSpec
+from toolchain.export.hadamard_onnx import DOMAIN, function_protos
+from toolchain.export.int4 import pack_int4
 from toolchain.errors import ExportError
 
 _TWO_GB = 2**31 - 1
@@ -89,7 +89,7 @@ def finalize(proto: onnx.ModelProto, layers: dict[str, LayerSpec]) -> dict[str, 
     weight initializer is plain ``weight_int``). Returns counts for the report."""
     uint16 = _uint16_containers(proto)
     float16 = 0
-    for n in proto.graph.node:  # export/ops.py Fp16Weight: float16 initializer → Cast to float32
+    for n in proto.graph.node:  # toolchain/export/ops.py Fp16Weight: float16 initializer → Cast to float32
         if n.domain == DOMAIN and n.op_type == "Float16Weight":
             n.op_type, n.domain = "Cast", ""
             n.attribute.append(onnx.helper.make_attribute("to", onnx.TensorProto.FLOAT))

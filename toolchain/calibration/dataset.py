@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from calibration.degrade import DegradationConfig, degrade
+from toolchain.calibration.degrade import DegradationConfig, degrade
 from toolchain.errors import InputError
 from toolchain.io.atomic import atomic_write_json, swap_into_place
 from toolchain.io.outputs import check_output_dir, output_lock

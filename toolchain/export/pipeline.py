@@ -4,7 +4,7 @@ TFLite: one ``.tflite`` with named signatures — ``restore`` (the whole pipelin
 pipeline and ``Interpreter.run`` without a key runs it) and one per stage of the model's kind
 (``vae_encoder``, ``embedder`` where the kind has one, ``unet``, ``vae_decoder``). Weights shared by two
 signatures are one buffer in the file (the converter deduplicates them; the integer route writes the
-checkpoint's integers once per buffer, see export/litert/weights.py).
+checkpoint's integers once per buffer, see toolchain/export/litert/weights.py).
 
 ONNX: one graph for the whole pipeline whose stage boundaries are named tensors and extra graph outputs
 (``z_latent``, ``prompt``, ``x0_latent``), with the stage table in the model metadata
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.parts import _Part
+from toolchain.export.parts import _Part
 from toolchain.errors import ExportError
 from toolchain.topology import topology_of
 
@@ -75,7 +75,7 @@ class NamedSignature(nn.Module):
 def stage_example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """Example tensors for every pipeline tensor name, from one forward of ``model`` on its part_module example
     image (shapes: lq_image (1, 3, S, S), z_latent / x0_latent (1, C, S/f, S/f), prompt (1, T, D))."""
-    from export.parts import part_module
+    from toolchain.export.parts import part_module
 
     _, (image,), _, _ = part_module(model, "full")
     with torch.no_grad():
@@ -86,7 +86,7 @@ def stage_example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def convert_signatures(module: nn.Module) -> bytes:
-    """The float multi-signature TFLite of an export-ready ``module`` (export/prepare.py), via litert-torch's
+    """The float multi-signature TFLite of an export-ready ``module`` (toolchain/export/prepare.py), via litert-torch's
     ``Converter().signature(name, module, sample_kwargs=...)`` — one subgraph per signature, ``restore`` first."""
     import tempfile
     from pathlib import Path
@@ -105,7 +105,7 @@ def convert_signatures(module: nn.Module) -> bytes:
 def signature_inputs(model: nn.Module, images: list[torch.Tensor]) -> dict[str, list[tuple[torch.Tensor, ...]]]:
     """Signature → the input tuples (in the signature's input order) it sees when the pipeline restores ``images``
     (LQ batches in [-1, 1]): the per-signature counterpart of export.parts.part_inputs."""
-    from export.parts import part_inputs
+    from toolchain.export.parts import part_inputs
 
     return {name: part_inputs(model, part, images) for name, (part, _, _) in signatures_of(model).items()}
 

@@ -17,7 +17,7 @@ faithful, traceable copy; their ``symbolic`` (TorchScript exporter) writes:
                     default for QDQ MatMul → MatMulIntegerToFloat, and lost 21–44 % of the output
                     range on attention projections of the tiny model (AVX2 EPYC).
 * ``BiasDQ``      → DequantizeLinear(int32 bias initializer, per-channel scale s_x·s_w, axis 0): the bias
-                    input of an ORT-fusable node unit (``--qdq-format ort``, export/prepare.py)
+                    input of an ORT-fusable node unit (``--qdq-format ort``, toolchain/export/prepare.py)
 * ``Fp16Weight``  → Cast(float16 initializer → float): low-rank branches stored in 16 bit
 * ``Hadamard``    → quantface.HadamardNCHW / quantface.HadamardLast (local functions, see hadamard_onnx)
 """
@@ -95,7 +95,7 @@ class BiasDQ(torch.autograd.Function):
 class Fp16Weight(torch.autograd.Function):
     """A float16 weight used in float32. Traced as a placeholder ``quantface::Float16Weight`` node, which the
     exporter's constant folding leaves alone (a plain Cast of an initializer would be folded into a float32
-    constant, doubling the file); export/qdq/graph.py ``finalize`` turns it into ``Cast(to=FLOAT)``."""
+    constant, doubling the file); toolchain/export/qdq/graph.py ``finalize`` turns it into ``Cast(to=FLOAT)``."""
 
     @staticmethod
     def forward(ctx, w16):

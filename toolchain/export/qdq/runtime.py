@@ -39,7 +39,7 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, opt
 
     The exported graphs need no session options to be exact: activations and 5–8-bit weights are
     unsigned (u8·u8 kernels, no saturation on AVX2), narrowing clips act on integers, biases are
-    separate Adds (export/ops.py, export/prepare.py).
+    separate Adds (toolchain/export/ops.py, toolchain/export/prepare.py).
     """
     import onnxruntime as ort
 

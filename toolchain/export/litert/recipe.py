@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.aeq_compat import large_conv_weights_fixed
-from export.backend import WEIGHT_CONTAINERS
-from export.description import ActInfo, LayerSpec
-from export.litert.locate import match_layers
-from export.litert.weights import write_checkpoint_weights
+from toolchain.export.aeq_compat import large_conv_weights_fixed
+from toolchain.export.backend import WEIGHT_CONTAINERS
+from toolchain.export.description import ActInfo, LayerSpec
+from toolchain.export.litert.locate import match_layers
+from toolchain.export.litert.weights import write_checkpoint_weights
 from toolchain.errors import ExportError
 
 

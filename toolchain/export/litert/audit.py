@@ -1,6 +1,6 @@
 """Read an integer TFLite back and audit it against the checkpoint: per-layer quantization parameters and
 stored weights, and which ops run on integer vs float inputs. Everything is read from the flatbuffer itself,
-every subgraph (a pipeline file has one per signature, export/pipeline.py)."""
+every subgraph (a pipeline file has one per signature, toolchain/export/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.description import LayerSpec
-from export.litert.locate import op_names, tensor_name, tflite_layout
-from export.litert.weights import weight_ints
+from toolchain.export.description import LayerSpec
+from toolchain.export.litert.locate import op_names, tensor_name, tflite_layout
+from toolchain.export.litert.weights import weight_ints
 
 
 def _type_names() -> dict[int, str]:

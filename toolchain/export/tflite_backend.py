@@ -21,8 +21,8 @@ TFLite has no sub-8-bit activation kernels: ≤ 8 designed bits execute as int8,
 are requantized to int8 with calibrated ranges, biases become int32 at s_x·s_w, and ops between
 quantized layers run in float (DEQUANTIZE/QUANTIZE around them).
 
-The steps live in export/litert/ (convert, locate, recipe, weights, audit, metadata, runtime);
-validation is the shared export/validate.py.
+The steps live in toolchain/export/litert/ (convert, locate, recipe, weights, audit, metadata, runtime);
+validation is the shared toolchain/export/validate.py.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.backend import ExportOptions, Inputs
-from export.litert.audit import op_census, read_back
-from export.litert.convert import convert_float, layer_usage
-from export.litert.metadata import METADATA_KEY, add_metadata
-from export.litert.recipe import quantize_with_checkpoint_ranges
-from export.litert.runtime import tflite_runner
-from export.parts import part_module
-from export.pipeline import RESTORE, convert_signatures, signature_inputs, signatures_of, stage_example_inputs
-from export.prepare import export_module
+from toolchain.export.backend import ExportOptions, Inputs
+from toolchain.export.litert.audit import op_census, read_back
+from toolchain.export.litert.convert import convert_float, layer_usage
+from toolchain.export.litert.metadata import METADATA_KEY, add_metadata
+from toolchain.export.litert.recipe import quantize_with_checkpoint_ranges
+from toolchain.export.litert.runtime import tflite_runner
+from toolchain.export.parts import part_module
+from toolchain.export.pipeline import RESTORE, convert_signatures, signature_inputs, signatures_of, stage_example_inputs
+from toolchain.export.prepare import export_module
 from toolchain.errors import ExportError
 from toolchain.io.atomic import atomic_write_bytes, atomic_write_json
 
@@ -64,7 +64,7 @@ def export_tflite(model: torch.nn.Module, out: str | Path, options: ExportOption
     desc = export_module(model, "float")
     module = desc.module
     wrapped, inputs, in_names, _ = part_module(module, part)
-    pipeline = part == "full"  # one file: the `restore` signature and one per stage (export/pipeline.py)
+    pipeline = part == "full"  # one file: the `restore` signature and one per stage (toolchain/export/pipeline.py)
     signatures = signatures_of(module) if pipeline else {}
     float_bytes = convert_signatures(module) if pipeline else convert_float(wrapped, inputs)
     float_path = out.with_name(out.stem + "_float.tflite")
@@ -127,8 +127,8 @@ def _export_fp16(float_bytes: bytes, out: Path, report: dict[str, Any], options:
                   t0: float) -> dict[str, Any]:
     """Write the float16-weight TFLite; the report adds its drift from the float32 TFLite (PSNR in dB for
     image outputs, else max |Δ|) on ``options.calib_inputs`` (or the part's example input)."""
-    from export.litert.recipe import float16_weights
-    from export.validate import compare
+    from toolchain.export.litert.recipe import float16_weights
+    from toolchain.export.validate import compare
 
     fp16 = float16_weights(float_bytes)
     atomic_write_bytes(out, fp16)
@@ -160,14 +160,14 @@ def _annotate_table(mp_table: str | os.PathLike, table: dict[str, dict[str, Any]
 def validate_tflite(path: str | Path | bytes, model: torch.nn.Module, part: str, inputs: Inputs) -> dict[str, Any]:
     """The TFLite file in LiteRT's default interpreter (``xnnpack``, as apps run it) and with its built-in
     kernels alone (``builtin_kernels``) vs the PyTorch fake-quant model and full precision
-    (export/validate.py: validate_runs).
+    (toolchain/export/validate.py: validate_runs).
 
     A pipeline file (``part="full"``, ``inputs`` = LQ image tuples): the top-level figures are the ``restore``
     signature's; ``signatures`` holds the same comparison for every signature, each on the inputs its stage sees
-    in the PyTorch fake-quant pipeline (export/pipeline.py: signature_inputs) against that PyTorch part; and
+    in the PyTorch fake-quant pipeline (toolchain/export/pipeline.py: signature_inputs) against that PyTorch part; and
     ``stage_chain`` compares the stage signatures run one after another in LiteRT (each fed the previous one's
     LiteRT output) with the ``restore`` signature (psnr_db / max_abs_error per image, worst over images)."""
-    from export.validate import compare, validate_runs
+    from toolchain.export.validate import compare, validate_runs
 
     data = path if isinstance(path, bytes) else Path(path).read_bytes()
     name = Path(path).name if not isinstance(path, bytes) else "model"
@@ -208,7 +208,7 @@ def stage_chain_check(runners: dict[str, Any], sigs: dict[str, tuple[str, tuple[
 
 
 class TfliteBackend:
-    """``--target tflite`` (export/backend.py: ExportBackend)."""
+    """``--target tflite`` (toolchain/export/backend.py: ExportBackend)."""
 
     target = "tflite"
     suffix = ".tflite"

@@ -12,11 +12,11 @@ from toolchain.errors import ExportError
 
 
 def default_calib_inputs(model: torch.nn.Module, part: str, images: int = 3) -> list[tuple[torch.Tensor, ...]]:
-    """Inputs of ``part`` for the bundled faces (calibration/faces), degraded to LQ at the model's input size;
+    """Inputs of ``part`` for the bundled faces (toolchain/calibration/faces), degraded to LQ at the model's input size;
     used for the ``ort`` format's output grids when export is given no calibration set."""
-    from calibration import BUNDLED_FACES
-    from calibration.dataset import CalibrationSet, build_calibration_set
-    from export.parts import part_inputs
+    from toolchain.calibration import BUNDLED_FACES
+    from toolchain.calibration.dataset import CalibrationSet, build_calibration_set
+    from toolchain.export.parts import part_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = build_calibration_set([BUNDLED_FACES], Path(tmp) / "set", n=images, size=model.image_size, seed=0, progress=False)
@@ -32,10 +32,10 @@ def calibrate_output_grids(module: torch.nn.Module, wrapped: torch.nn.Module, ca
     Runs ``wrapped`` (a part of ``module``) on each input tuple with the output grids off — the values the
     fake-quant model computes — and fits each layer's grid to its conv/matmul output (bias included,
     low-rank branch not): the least-squared-error range among min/max shrunk by 0–60 %
-    (``export.prepare.output_grid``). Returns layer → (range lo, range hi, SQNR dB of the grid on the
+    (``toolchain.export.prepare.output_grid``). Returns layer → (range lo, range hi, SQNR dB of the grid on the
     sampled outputs) for the layers that ran; layers of other parts are left uncalibrated (they are not
     in the graph). Raises ExportError with no inputs."""
-    from export.prepare import ExportQuantLayer, output_grid
+    from toolchain.export.prepare import ExportQuantLayer, output_grid
 
     if not calib_inputs:
         raise ExportError("the ort QDQ format needs sample inputs to calibrate the op output grids")

@@ -1,6 +1,6 @@
 """ONNX, layer by layer: every exported quantized layer run in ONNX Runtime on the input PyTorch gave
 it (teacher-forced), where an export bug cannot hide behind the rounding-flip cascade of a whole
-low-bit graph (see export/validate.py)."""
+low-bit graph (see toolchain/export/validate.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.parts import part_module
-from export.prepare import ExportQuantLayer, export_module
-from export.qdq.runtime import ort_session
+from toolchain.export.parts import part_module
+from toolchain.export.prepare import ExportQuantLayer, export_module
+from toolchain.export.qdq.runtime import ort_session
 
 SESSIONS = {"default": True, "no_optimizations": False}  # name → ORT graph optimisations on
 
@@ -23,7 +23,7 @@ def layer_models(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str =
     forward of ``part`` on ``inputs`` and the output PyTorch computed: layer → (model bytes, x, y)."""
     import onnx
 
-    from export.qdq.graph import finalize
+    from toolchain.export.qdq.graph import finalize
 
     desc = export_module(model)
     module = desc.module

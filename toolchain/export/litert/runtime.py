@@ -16,7 +16,7 @@ def _dims(shape) -> str:
 
 def default_signature(signatures: dict[str, Any]) -> str | None:
     """The signature a caller gets without naming one: ``restore`` in a pipeline file, else the only one (None: none)."""
-    from export.pipeline import RESTORE
+    from toolchain.export.pipeline import RESTORE
 
     if RESTORE in signatures:
         return RESTORE
@@ -24,9 +24,9 @@ def default_signature(signatures: dict[str, Any]) -> str | None:
 
 
 def input_order(signature: str, names: list[str]) -> list[str]:
-    """The signature's input names in call order: a pipeline signature's ``STAGE_IO`` order (export/pipeline.py), or
+    """The signature's input names in call order: a pipeline signature's ``STAGE_IO`` order (toolchain/export/pipeline.py), or
     litert-torch's positional ``args_0``, ``args_1``, … of a single-part export."""
-    from export.pipeline import STAGE_IO
+    from toolchain.export.pipeline import STAGE_IO
 
     if signature in STAGE_IO:
         wanted = [n for n in STAGE_IO[signature][1] if n in names]

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.int4 import pack_int4, unpack_int4
-from export.litert.locate import tensor_name, tflite_layout
+from toolchain.export.int4 import pack_int4, unpack_int4
+from toolchain.export.litert.locate import tensor_name, tflite_layout
 from toolchain.errors import ExportError
 
 

@@ -22,7 +22,7 @@ def layer_usage(module: torch.nn.Module, wrapped: torch.nn.Module, inputs: tuple
 
     A part (e.g. the UNet) runs only some of the model's layers; a constant-input layer (e.g. the time
     embedding of a one-step model) is folded into a constant by the converter, so it has no op to quantize."""
-    from export.prepare import ExportQuantLayer
+    from toolchain.export.prepare import ExportQuantLayer
 
     seen: dict[str, list[tuple]] = {}
 

@@ -1,1 +1,0 @@
-"""ONNX QDQ graph helpers used by the ONNX target (export/onnx_backend.py)."""

@@ -1,0 +1,1 @@
+"""ONNX QDQ graph helpers used by the ONNX target (toolchain/export/onnx_backend.py)."""
