@@ -35,6 +35,7 @@ from torch import nn
 
 from toolchain.balance.hadamard import factorize, hadamard_transform, is_available, transform_ops
 from toolchain.balance.stats import channel_axis, weight_input_absmax
+from toolchain.quant.grid import along_axis
 from toolchain.errors import ConfigError
 from toolchain.topology import topology_of
 from toolchain.quant.components import register_component
@@ -75,9 +76,7 @@ def rotate_axis(t: torch.Tensor, axis: int, block: int, transpose: bool = False)
 
 
 def _broadcast(v: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return v.reshape(shape)
+    return along_axis(v, x.dim(), axis)
 
 
 class OnlineBalance(nn.Module):

@@ -39,6 +39,14 @@ LPIPS_ALEX_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 
 
+def psnr_from_mse(mse: float, data_range: float = 1.0) -> float:
+    """PSNR in dB of a mean squared error for signals spanning ``data_range`` (1.0 for [0, 1], 2.0 for [-1, 1]);
+    ``inf`` for mse == 0. The one PSNR formula of the toolchain (``psnr`` below applies it per image)."""
+    import math
+
+    return math.inf if mse <= 0 else 10.0 * math.log10(data_range * data_range / mse)
+
+
 def psnr(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     mse = (pred.float() - ref.float()).pow(2).flatten(1).mean(1)
     return 10.0 * torch.log10(1.0 / mse.clamp(min=1e-12))

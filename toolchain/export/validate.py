@@ -28,6 +28,7 @@ from torch import nn
 
 from toolchain.export.parts import part_module
 from toolchain.cpu import cpu_isa
+from toolchain.eval.metrics import psnr_from_mse
 
 Runner = Callable[[tuple[torch.Tensor, ...]], np.ndarray]
 
@@ -43,8 +44,7 @@ def compare(a: np.ndarray, b: np.ndarray, image: bool) -> dict[str, float]:
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     res = {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean())}
     if image:
-        mse = float(((diff / 2.0) ** 2).mean())
-        res["psnr_db"] = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+        res["psnr_db"] = psnr_from_mse(float((diff ** 2).mean()), data_range=2.0)  # [-1, 1] images
     return res
 
 

@@ -159,6 +159,8 @@ def fp_targets(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
 
 
 def merge_all(model: nn.Module) -> int:
+    """Fold every layer's low-rank branch into its weight (W ← W + L1·L2, branch removed), then recalibrate the
+    weight grids of the merged weights. Returns the number of layers merged. Used by QuantFace and EfficientDM."""
     n = 0
     for _, layer in quant_layers(model):
         if layer.lowrank is not None:

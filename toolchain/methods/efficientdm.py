@@ -17,7 +17,7 @@ import torch
 
 from toolchain import distributed as D
 from toolchain.lowrank.compensate import attach_branches, fp_targets
-from toolchain.lowrank.branch import merge_branch
+from toolchain.lowrank.compensate import merge_all
 from toolchain.methods.common import keep_first_last_8bit
 from toolchain.topology import topology_of
 from toolchain.quant.registry import MethodContext, QuantMethod, register_method
@@ -92,12 +92,7 @@ class EfficientDM(QuantMethod):
         D.broadcast_module(model)  # under torchrun: every rank trains from rank 0's state
         result = fit(params, loss_fn, len(ctx.lq_batches), p.train_steps, p.lr, ctx.seed, ctx.device, ctx.state_dir("efficientdm"),
                      "EfficientDM", checkpoint_every=p.checkpoint_every, batches=lambda i: (ctx.lq_batches[i], teachers[i]))
-        merged = 0
-        for _, layer in quant_layers(model):
-            if layer.lowrank is not None:
-                merge_branch(layer)  # W ← W + A·B, branch removed
-                merged += 1
-        calibrate_weights(model)
+        merged = merge_all(model)  # W ← W + A·B, branches removed, weight grids recalibrated
         frozen = freeze_step_sizes(model)
         return {"quantized_layers": len(names), "calibration_batches": n_cal, "first_last_8bit": pinned, "lora_layers": attached,
                 "merged_layers": merged, "learned_step_sizes": frozen, "training": result}

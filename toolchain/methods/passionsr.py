@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from toolchain.balance.stats import channel_axis, collect_input_absmax, weight_input_absmax
 from toolchain.balance.transform import OnlineBalance
 from toolchain.methods.common import keep_first_last_8bit, stage_data
+from toolchain.quant.grid import along_axis
 from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
@@ -50,12 +51,6 @@ class LETParams(nn.Module):
         return self.log_scale.exp()
 
 
-def _broadcast(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
-
-
 class _LETInput(nn.Module):
     def __init__(self, let: LETParams, axis: int):
         super().__init__()
@@ -65,8 +60,8 @@ class _LETInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.axis % x.dim()
         if self.let.shift is not None:
-            x = x - _broadcast(self.let.shift, x.dim(), axis)
-        return x / _broadcast(self.let.scale, x.dim(), axis)
+            x = x - along_axis(self.let.shift, x.dim(), axis)
+        return x / along_axis(self.let.scale, x.dim(), axis)
 
 
 class _LETWeight(nn.Module):
@@ -75,7 +70,7 @@ class _LETWeight(nn.Module):
         self.let = let
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * _broadcast(self.let.scale, w.dim(), 1)
+        return w * along_axis(self.let.scale, w.dim(), 1)
 
 
 class _LETBias(nn.Module):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolchain.eval.metrics import psnr_from_mse
 from toolchain.methods.common import frozen_copy
 from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers
@@ -101,7 +102,7 @@ class QArtSR(QuantMethod):
             calibrate_activations(model, batches, desc=f"TRQ t={t}")
             with torch.no_grad():
                 err = sum(float(F.mse_loss(model(b.to(ctx.device)).cpu(), fp_images[i])) for i, b in enumerate(batches)) / len(batches)
-            rows.append({"timestep": t, "mse_vs_fp": err, "psnr_vs_fp": float(10 * torch.log10(torch.tensor(4.0 / max(err, 1e-12))))})
+            rows.append({"timestep": t, "mse_vs_fp": err, "psnr_vs_fp": psnr_from_mse(max(err, 1e-12), data_range=2.0)})
             model.config.alpha_bar = a0
         best = min(rows, key=lambda r: r["mse_vs_fp"])
         set_timestep(model, best["timestep"], p.trq_scope)

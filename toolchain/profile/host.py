@@ -173,11 +173,11 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
 
     from toolchain.errors import InputError
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    from toolchain.export.qdq.runtime import ort_session
+
     t0 = time.perf_counter()
     try:
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])  # a default session: what users run
+        sess = ort_session(path, threads)  # a default session: what users run
     except Exception as exc:  # ORT raises its own pybind classes (InvalidProtobuf, Fail, …) for unreadable models
         raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(exc).strip().splitlines()[0][:200]})") from None
     init_ms = (time.perf_counter() - t0) * 1000
@@ -198,17 +198,13 @@ def profile_onnx(path: str | os.PathLike, threads: int = 4, runs: int = 20, warm
         for key, spec in stages.items():
             if key == RESTORE:
                 continue
-            stage = ort.InferenceSession(onnx_stage(str(path), key).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            stage = ort_session(onnx_stage(str(path), key).SerializeToString(), threads)
             ins = [(i.name, list(i.shape)) for i in stage.get_inputs()]
             arrays = {n: x for (n, _), x in zip(ins, _random_inputs([(shape, np.float32) for _, shape in ins]))}
             report["signatures"][key] = {"inputs": {n: list(x.shape) for n, x in arrays.items()},
                                          "inference_ms": _timed(lambda st=stage, a=arrays: st.run(None, a), warmup, runs)}
     if per_op:
-        so_p = ort.SessionOptions()
-        so_p.intra_op_num_threads = threads
-        so_p.enable_profiling = True
-        so_p.profile_file_prefix = str(Path(path).with_suffix("")) + "_ort_profile"
-        ps = ort.InferenceSession(str(path), so_p, providers=["CPUExecutionProvider"])
+        ps = ort_session(path, threads, profile_prefix=str(Path(path).with_suffix("")) + "_ort_profile")
         for _ in range(max(3, min(runs, 5))):
             ps.run(None, feeds)
         trace = Path(ps.end_profiling())

@@ -1,18 +1,17 @@
-"""Turning a float model into a calibrated fake-quant model.
+"""Calibrating a fake-quant model: weight grids and activation ranges.
 
-``prepare_model`` swaps in quantized layers per the config; ``calibrate_weights`` sets weight
+``calibrate_weights`` sets weight
 scales; ``calibrate_activations`` streams calibration batches through the model while the input
 quantizers observe, checkpointing the observers so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,59 +19,9 @@ from tqdm.auto import tqdm
 
 from toolchain.io.atomic import atomic_write_json
 from toolchain.io.weights import load_tensors, save_tensors
-from toolchain.quant.config import QuantConfig, quantizable_layers
-from toolchain.quant.layers import QUANT_LAYER_TYPES, QuantLayerMixin, is_quant_layer
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def prepare_model(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Replace every in-scope Conv2d/Linear by its quantized twin (in place); return their names."""
-    replaced = []
-    for name, module in list(quantizable_layers(model)):
-        if is_quant_layer(module):
-            continue
-        specs = config.layer_specs(name)
-        if specs is None:
-            continue
-        qcls = QUANT_LAYER_TYPES.get(type(module))
-        if qcls is None:
-            continue
-        set_submodule(model, name, qcls.from_float(module, *specs))
-        replaced.append(name)
-    return replaced
-
-
-def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayerMixin]]:
-    for name, module in model.named_modules():
-        if is_quant_layer(module):
-            yield name, module
-
-
-def set_quant_mode(model: nn.Module, weights: str | None = None, activations: str | None = None) -> None:
-    """Switch all quantizers: mode is 'quantize' or 'off' (None leaves that side unchanged)."""
-    for _, layer in quant_layers(model):
-        if weights is not None and layer.weight_quantizer is not None:
-            layer.weight_quantizer.mode = weights
-        if activations is not None and layer.input_quantizer is not None:
-            layer.input_quantizer.mode = activations
-
-
-@contextlib.contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Temporarily run every quantizer as identity (restoring each one's mode afterwards)."""
-    saved = [(q, q.mode) for _, layer in quant_layers(model) for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None]
-    for q, _ in saved:
-        q.mode = "off"
-    try:
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
+from toolchain.quant.surgery import (  # noqa: F401  (model surgery, re-exported for the callers that import it from here)
+    prepare_model, quant_layers, quantizers_off, set_quant_mode, set_submodule,
+)
 
 
 def calibrate_weights(model: nn.Module) -> None:

@@ -135,10 +135,13 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     return torch.clamp(scale, min=_EPS), zero
 
 
-def broadcast_shape(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """Reshape a per-channel vector so it broadcasts along ``axis`` of ``like``."""
-    if t.numel() == 1:
-        return t.reshape(())
-    shape = [1] * like.dim()
+def along_axis(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """A per-channel vector (C,) reshaped to broadcast along ``axis`` of an ``ndim``-dimensional tensor."""
+    shape = [1] * ndim
     shape[axis] = -1
-    return t.reshape(shape)
+    return v.reshape(shape)
+
+
+def broadcast_shape(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of ``like`` (a 1-element one to a scalar)."""
+    return t.reshape(()) if t.numel() == 1 else along_axis(t, like.dim(), axis)

@@ -32,10 +32,13 @@ def ort_fused_nodes(path: str | os.PathLike) -> dict[str, int]:
     return counts
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, optimize: bool = True):
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, optimize: bool = True,
+                profile_prefix: str | None = None):
     """A *default* ONNX Runtime CPU session — what a user gets from ``InferenceSession(path)`` —
     or, with ``optimize=False``, one with every graph optimisation off (the ONNX reference
-    semantics of the QDQ graph). ``threads`` sets intra-op threads (None: ORT's default).
+    semantics of the QDQ graph). ``threads`` sets intra-op threads (None: ORT's default);
+    ``profile_prefix`` turns on ORT's per-node profiler, writing ``PREFIX_*.json`` (``end_profiling()``).
+    The one place the toolchain builds ORT sessions for exported graphs (validation, parity, profile).
 
     The exported graphs need no session options to be exact: activations and 5–8-bit weights are
     unsigned (u8·u8 kernels, no saturation on AVX2), narrowing clips act on integers, biases are
@@ -48,4 +51,7 @@ def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, opt
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
