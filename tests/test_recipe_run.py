@@ -15,11 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "benchmarks" / "recipes").glob("*.json"))
 
 
+# recipes that run here as they are (the others are templates naming the user's own model file)
+RUNNABLE = {"demo", "quantface_w4a4_mp_tflite"}
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_bundled_recipes_validate(path, capsys):
-    assert main(["recipe", "validate", str(path)]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["valid"] and doc["stages"][0] == "calibrate" and doc["stages"][-1] == "report"
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(path)  # schema, methods, params, bits, regexes, references
+    assert recipe.quantize and recipe.exports
+    rc = main(["recipe", "validate", str(path)])
+    if path.stem in RUNNABLE:
+        assert rc == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["valid"] and doc["stages"][0] == "calibrate" and doc["stages"][-1] == "report" and doc["model"]["layers"] > 100
+    else:  # a template: the one thing missing is the user's model, named in one error line
+        assert rc == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "model.path" in err[0] and "does not exist" in err[0]
 
 
 BASE = {"version": 1, "quantize": [{"name": "q", "method": "minmax", "bits": "w8a8"}],
@@ -57,6 +71,33 @@ def test_bad_recipes_are_one_error_line(doc, fragment, tmp_path, capsys):
     assert main(["recipe", "validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+
+
+@pytest.mark.parametrize("patch, fragment", [
+    ({"quantize": [{"name": "q", "method": "minmax", "bits": "w8a8", "rules": [{"match": "^nosuchlayer$", "bits": "w4a4"}]}]},
+     "recipe quantize 'q': rule '^nosuchlayer$' matches no quantizable layer"),
+    ({"evaluation": {"seed": 1, "metrics": ["psnr", "nosuch"]}}, "evaluation.metrics: unknown metric 'nosuch'"),
+    ({"quantize": [{"name": "q", "method": "minmax", "bits": "w4a4"}],
+      "export": [{"name": "e", "from": "q", "target": "onnx", "qdq_format": "ort"}]}, "fuses 8-bit activations only"),
+    ({"model": {"path": "missing.safetensors"}}, "model.path"),
+    ({"calibration": {"source": "no_such_folder"}}, "calibration.source"),
+])
+def test_recipe_problems_found_before_any_stage_runs(patch, fragment, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**BASE, **patch}))
+    assert main(["recipe", "validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], err
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2  # the run refuses it before writing anything
+    assert not (tmp_path / "o").exists()
+
+
+def test_param_type_error_names_the_run_once(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_with(quantize__0__method="quantface", quantize__0__params={"train_steps": "many"})))
+    assert main(["recipe", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("quantize[0] (q)") == 1 and "params.train_steps: expected an integer" in err
 
 
 def test_unreadable_recipe_is_one_error_line(tmp_path, capsys):
@@ -125,6 +166,9 @@ def test_a_changed_stage_reruns_it_and_what_follows_only(reference_run, tmp_path
     changed.write_text(json.dumps(doc))
     shutil.copy(recipe.parent / "tiny.safetensors", tmp_path / "tiny.safetensors")
     capsys.readouterr()
+    assert main(["run", str(changed), "--out", str(copy), "--dry-run"]) == 0  # says so first, runs nothing
+    plan = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert [p[2].rstrip(":") for p in plan if p[0] == "would"] == ["profile:w8a8-onnx", "report"]
     assert main(["run", str(changed), "--out", str(copy)]) == 0
     assert json.loads(capsys.readouterr().out)["ran"] == ["profile:w8a8-onnx", "report"]
 

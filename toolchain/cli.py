@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for verb in VERBS:
         importlib.import_module(f"toolchain.commands.{verb}").register(sub)
+    parser.epilog = f"example: {EXAMPLES['run']}   (then open demo_out/report.html)"
+    parser.formatter_class = _ExampleFormatter
     for p in _all_subparsers(parser):
         example = EXAMPLES.get(p.prog.removeprefix("toolchain "))
         if example and not p.epilog:

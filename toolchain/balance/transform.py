@@ -264,8 +264,14 @@ def select_by_output_error(model: nn.Module, layers: dict[str, nn.Module], candi
     """Per layer, the candidate transform with the smallest quantized-output MSE on the batches."""
     from toolchain.quant.quantizer import QuantSpec, fake_quantize, qparams_from_range
 
+    from tqdm.auto import tqdm
+
+    from toolchain.balance.stats import _quiet_rank
+
     errors = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
     handles = []
+    bar = tqdm(total=len(candidates) * len(batches), desc="balance auto: candidate transforms per layer", unit="layer",
+               leave=False, disable=_quiet_rank())
 
     def hook_for(name: str, layer: nn.Module):
         axis = channel_axis(layer)
@@ -289,6 +295,7 @@ def select_by_output_error(model: nn.Module, layers: dict[str, nn.Module], candi
                         ws = _broadcast(amax / w_spec.qmax, wt, 0)
                         wt = fake_quantize(wt, ws, torch.zeros_like(ws), w_spec.qmin, w_spec.qmax)
                     errors[name][i] += float((run(wt, xq) - ref).double().pow(2).sum())
+            bar.update(1)
 
         return hook
 
@@ -300,6 +307,7 @@ def select_by_output_error(model: nn.Module, layers: dict[str, nn.Module], candi
             for b in batches:
                 (forward or model)(b.to(device))
     finally:
+        bar.close()
         for h in handles:
             h.remove()
     return {name: candidates[name][int(torch.argmin(errors[name]))] for name in candidates}

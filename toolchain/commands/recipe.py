@@ -14,21 +14,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = p.add_subparsers(dest="recipe_cmd", required=True)
     v = rsub.add_parser("validate", help="check a recipe against the schema, the registered methods and their parameters",
                         description="Check a recipe file against toolchain/schemas/recipe.schema.json, the registered methods "
-                                    "and each method's typed parameters, the bits, regexes and the references between sections. "
-                                    "Prints the stages `toolchain run` would execute (as JSON).")
+                                    "and each method's typed parameters, the bits, regexes and the references between sections; then against "
+                                    "this machine: the model and image folders exist, the device is here, the metrics are known, "
+                                    "every rule matches a layer of the model. Prints the stages `toolchain run` would execute (JSON).")
     v.add_argument("recipe", type=Path)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from toolchain.recipe import load_recipe
+    from toolchain.recipe.model import check_against_machine
 
     r = load_recipe(args.recipe)
+    checked = check_against_machine(r)  # files, device, metrics, rules vs the model's layers
     stages = ["calibrate"] + (["eval-set"] if r.evaluation else [])
     for q in r.quantize:
         stages += [f"quantize:{q.name}.base", f"allocate:{q.name}", f"quantize:{q.name}"] if q.allocate else [f"quantize:{q.name}"]
     stages += (["eval"] if r.evaluation else []) + [f"export:{e.name}" for e in r.exports] + [f"profile:{p.export}" for p in r.profiles]
-    print(json.dumps({"recipe": str(args.recipe), "valid": True, "name": r.name,
+    print(json.dumps({"recipe": str(args.recipe), "valid": True, "name": r.name, "model": checked,
                       "quantize": {q.name: {"method": q.method, "bits": q.bits, "params": q.params, "rules": len(q.rules),
                                             "allocate": q.allocate is not None} for q in r.quantize},
                       "stages": stages + ["report"]}, indent=2, default=str))

@@ -70,7 +70,7 @@ class Stage:
     argv: list[str]
     inputs: list[Path | None]
     outputs: list[Path]
-    prepare: Callable[[], None] | None = None  # writes derived inputs (e.g. a quant config) before the key is taken
+    derived: tuple[Path, Callable[[], str]] | None = None  # an input the run writes itself (a quant config): path, text
     action: Callable[[], None] | None = None  # in-process work instead of a verb (the report)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,8 +81,19 @@ class Stage:
         argv = [named.get(a, a.replace(str(out), "$OUT")) for a in self.argv]
         h = hashlib.sha256(json.dumps(argv).encode())
         for p in self.inputs:
-            h.update(b"\0" + fingerprint(p).encode())
+            if self.derived is not None and p == self.derived[0]:  # what the run will write there, written or not
+                h.update(b"\0" + hashlib.sha256(self.derived[1]().encode()).hexdigest().encode())
+            else:
+                h.update(b"\0" + fingerprint(p).encode())
         return h.hexdigest()
+
+    def write_derived(self) -> None:
+        if self.derived is not None:
+            from toolchain.io.atomic import atomic_write_text
+
+            path, text = self.derived[0], self.derived[1]()
+            if not path.is_file() or path.read_text() != text:
+                atomic_write_text(path, text)
 
     def outputs_fingerprint(self) -> str:
         return hashlib.sha256("".join(fingerprint(p) for p in self.outputs).encode()).hexdigest()
@@ -117,21 +128,17 @@ def plan(recipe, out: Path) -> list[Stage]:
         qdir = out / "quantize"
 
         def quantize_stage(name: str, ckpt: Path, cfg_path: Path, extra_rules: Path | None, run=r) -> Stage:
-            def prepare() -> None:
-                from toolchain.io.atomic import atomic_write_text
-
-                allocated = json.loads(extra_rules.read_text()) if extra_rules is not None else []  # recipe-format rules
+            def config_text() -> str:
+                allocated = json.loads(extra_rules.read_text()) if extra_rules is not None and extra_rules.is_file() else []
                 rules = [{"pattern": r["match"], "w_bits": r.get("w_bits"), "a_bits": r.get("a_bits"), "skip": r.get("skip", False)}
-                         for r in allocated]
-                text = run.quant_config(rules).to_json()
-                if not cfg_path.is_file() or cfg_path.read_text() != text:
-                    atomic_write_text(cfg_path, text)
+                         for r in allocated]  # (recipe-format rules from the allocation)
+                return run.quant_config(rules).to_json()
 
             argv = ["quantize", "--config", str(cfg_path), "--model", str(model), *preset, "--calib", str(calib),
                     "--seed", str(recipe.seed), "--batch-size", str(recipe.batch_size), *dev, "--out", str(ckpt)]
             if run.calib_limit:
                 argv[1:1] = ["--calib-limit", str(run.calib_limit)]
-            return Stage(name, argv, [model, calib, cfg_path, extra_rules], [ckpt], prepare=prepare)
+            return Stage(name, argv, [model, calib, cfg_path, extra_rules], [ckpt], derived=(cfg_path, config_text))
 
         if r.allocate is not None:
             base = qdir / f"{r.name}.base"
@@ -230,19 +237,25 @@ def run(args: argparse.Namespace) -> int:
     from toolchain.io.atomic import atomic_write_json
     from toolchain.io.outputs import output_lock
     from toolchain.recipe import load_recipe
+    from toolchain.recipe.model import check_against_machine
     from tqdm.auto import tqdm
 
     recipe = load_recipe(args.recipe)
     out = args.out
     _check_out(out, args.recipe)
+    check_against_machine(recipe)  # files, device, metrics, rules vs the model's layers: before any stage runs
     if args.dry_run:
         stages = plan(recipe, out)
         state = _load_state(out) if out.is_dir() else {"stages": {}}
-        for s in stages:  # (a dry run writes nothing: derived quant configs are compared at the real run)
+        changing: set[Path] = set()  # outputs of stages that would run (what follows them reruns too)
+        for s in stages:
             done = state["stages"].get(s.name)
-            current = bool(done) and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint()
-            print(f"{'up to date' if current else 'would run':>10}  {s.name}: toolchain {' '.join(s.argv)}" if s.action is None
-                  else f"{'up to date' if current else 'would run':>10}  {s.name}")
+            current = (bool(done) and not changing.intersection(s.inputs) and done.get("key") == s.key(out)
+                       and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint())
+            if not current:
+                changing.update(s.outputs)
+            what = "" if s.action is not None else f": toolchain {' '.join(s.argv)}"
+            print(f"{'up to date' if current else 'would run':>10}  {s.name}{what}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
@@ -258,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
         bar = tqdm(stages, desc="toolchain run", unit="stage", position=0, leave=True, file=sys.stderr)
         for s in bar:
             bar.set_postfix_str(s.name)
-            if s.prepare is not None:
-                s.prepare()
+            s.write_derived()
             key = s.key(out)
             done = state["stages"].get(s.name)
             if done and done.get("key") == key and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint():

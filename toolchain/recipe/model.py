@@ -176,7 +176,7 @@ def parse_recipe(data: Any, base: Path, where: str = "recipe") -> Recipe:
         at = f"{where}: quantize[{i}] ({r['name']})"
         cls = method_class(r["method"])  # unknown method → ConfigError listing the registered ones
         params = r.get("params", {})
-        labels = {k: f"{at}: params.{k}" for k in params}
+        labels = {k: f"params.{k}" for k in params}
         try:
             typed = coerce_params(cls, params, labels, {})
             cls(typed)  # the method's own checks (Params.__post_init__, named recipes)
@@ -249,3 +249,49 @@ def parse_recipe(data: Any, base: Path, where: str = "recipe") -> Recipe:
                   metrics=tuple((ev or {}).get("metrics", ("psnr", "ssim", "st_lpips"))), grid_rows=int((ev or {}).get("grid_rows", 4)),
                   quantize=tuple(runs), exports=tuple(exports), profiles=tuple(profiles), device=data.get("device", "auto"),
                   seed=int(data.get("seed", 0)), batch_size=int(data.get("batch_size", 4)))
+
+
+def check_against_machine(recipe: Recipe) -> dict[str, Any]:
+    """The checks that need the files and this machine, run before any stage: the model and image sources
+    exist, the device is here, every metric is known, every quantize run's include/exclude/rule matches a
+    layer of the model (read from its config, built on the meta device: no weights are loaded), and an
+    ORT-fusable ONNX export (``qdq_format`` ort/ort-s8) comes from a run with 8-bit activations somewhere.
+
+    Returns {"model": path, "layers": count}. Raises ConfigError / InputError naming the recipe field."""
+    import torch
+
+    from toolchain.defaults import device_from_arg, resolve_model_path
+    from toolchain.errors import InputError
+    from toolchain.eval.metrics import PAIRED_METRICS, SET_METRICS
+    from toolchain.models.osdface import build_model
+    from toolchain.models.storage import model_config
+    from toolchain.quant.config import quantizable_layers
+
+    model_path = resolve_model_path(recipe.model_path)
+    if not model_path.exists():
+        raise InputError(f"recipe model.path: {model_path} does not exist (give a float model file or folder)")
+    for label, s in (("calibration", recipe.calibration), ("evaluation", recipe.evaluation)):
+        if s is not None and s.source is not None and not s.source.exists():
+            raise InputError(f"recipe {label}.source: {s.source} does not exist (a folder of HQ images, or null for the bundled faces)")
+    device_from_arg(recipe.device)  # ConfigError for a device this machine lacks
+    if recipe.evaluation is not None:
+        if bad := [m for m in recipe.metrics if m not in PAIRED_METRICS + SET_METRICS]:
+            raise ConfigError(f"recipe evaluation.metrics: unknown metric '{bad[0]}' (known: {', '.join(PAIRED_METRICS + SET_METRICS)})")
+    cfg = model_config(model_path, recipe.preset)
+    with torch.device("meta"):
+        model = build_model(cfg, seed=None)
+    names = [n for n, _ in quantizable_layers(model)]
+    for run in recipe.quantize:
+        try:
+            run.quant_config().check_matches(names)
+        except ConfigError as exc:
+            raise ConfigError(f"recipe quantize '{run.name}': {str(exc).replace('; nothing was written', '')}") from None
+    for e in recipe.exports:
+        if e.options.get("qdq_format") in ("ort", "ort-s8") and e.source != "fp":
+            qc = recipe.run(e.source).quant_config()
+            a_bits = {spec[1].bits for n in names if (spec := qc.layer_specs(n)) is not None}
+            if a_bits and 8 not in a_bits:
+                raise ConfigError(f"recipe export '{e.name}': qdq_format {e.options['qdq_format']} fuses 8-bit activations only, and run "
+                                  f"'{e.source}' has {'/'.join(f'A{b}' for b in sorted(a_bits))}; use qdq_format exact (or give "
+                                  "layers 8-bit activations with a rule)")
+    return {"model": str(model_path), "layers": len(names)}
