@@ -18,13 +18,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "toolchain.cpu"),
     ("toolchain.models", "toolchain.calibration", "toolchain.pipeline"),
     ("toolchain.quant",),  # the fake-quant core and the registries below the quantize_ verb
-    ("toolchain.recipe",),  # recipe files, checked against the registries
     ("toolchain.balance",),
     ("toolchain.eval",),
     ("toolchain.train",),
     ("toolchain.lowrank",),
     ("toolchain.alloc",),
     ("toolchain.methods",),
+    ("toolchain.recipe",),  # recipe files, checked against the registries, metrics and the model
     ("toolchain.export", "toolchain.compare"),
     ("toolchain.profile",),  # runs exported files (and reads their signatures / stages)
     ("toolchain.commands", "toolchain.cli", "toolchain.__main__"),
