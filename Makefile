@@ -24,7 +24,7 @@ demo: $(STAMP)
 	@echo "demo finished: $(OUT)/report.html (also report.json, eval/grid.png, export/, profile/)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -152,7 +152,7 @@ def test_graph_shapes_no_default_fusion_can_change(tiny_model_path, tmp_path):
 
 @pytest.mark.parametrize("method,bits,params", [
     ("minmax", "w8a8", {}),
-    ("quantface", "w4a4", {"svd_rank": 2, "lora_rank": 2, "train_steps": 2, "lr": 1e-3}),
+    ("quantface", "w4a4", {"recipe": "paper", "svd_rank": 2, "lora_rank": 2, "train_steps": 2, "lr": 1e-3}),  # rotations: online Hadamards
     ("passionsr", "w4a4", {"epochs": 1, "lr": 1e-3}),  # online offset + scale before the quantizer
     ("passionsr", "w8a8", {"epochs": 1, "lr": 1e-3}),  # the same at 8 bits (the TFLite test exports this design too)
     ("qartsr", "w4a4", {"timestep_offsets": [-100], "steps_per_module": 0, "e2e_steps": 2}),  # a non-default timestep to fold
