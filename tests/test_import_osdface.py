@@ -100,7 +100,7 @@ def test_import_report_records_sources_lora_and_dropped_keys(release, imported):
 
     from safetensors.torch import load_file
 
-    from toolchain.io.convert import sha256_file
+    from toolchain.io.hashing import sha256_file
     from toolchain.models import load_model
 
     report = json.loads((imported / "import_report.json").read_text())

@@ -80,7 +80,7 @@ def test_cli_convert_pickle_to_safetensors(tmp_path, capsys):
     assert main(["model", "convert", str(src), str(dst)]) == 0
     _assert_same(load_tensors(dst), {k: v.contiguous() for k, v in _state().items()})
     from toolchain.io.weights import read_safetensors_metadata
-    from toolchain.io.convert import sha256_file
+    from toolchain.io.hashing import sha256_file
 
     assert read_safetensors_metadata(dst)["source_sha256"] == sha256_file(src)
     marker = tmp_path / "ran"

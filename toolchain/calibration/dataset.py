@@ -14,7 +14,6 @@ written (each image depends only on (seed, index), so resumed sets are identical
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from toolchain.calibration.degrade import DegradationConfig, degrade
 from toolchain.errors import InputError
 from toolchain.io.atomic import atomic_write_json, swap_into_place
+from toolchain.io.hashing import sha256_file
 from toolchain.io.outputs import check_output_dir, output_lock
 from toolchain.io.images import list_images, load_image, save_image
 
@@ -44,10 +44,6 @@ def is_calibration_set(path: str | os.PathLike) -> bool:
         return json.loads((Path(path) / "manifest.json").read_text()).get("kind") == "quantface-calibration-set"
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -120,7 +116,7 @@ def _build_locked(sources: list[Path], out: Path, n: int, size: int, seed: int, 
     import sys
 
     partial = out.parent / (out.name + ".partial")
-    hashes = {str(p): _sha256(p) for p in sources}
+    hashes = {str(p): sha256_file(p) for p in sources}
     # JSON round trip: the saved file holds lists where the in-memory settings hold tuples
     settings = json.loads(json.dumps({"seed": seed, "size": size, "count": n, "scale": scale, "degradation": config.to_dict(),
                                       "sources": [str(p) for p in sources], "source_sha256": [hashes[str(p)] for p in sources]}))

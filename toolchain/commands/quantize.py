@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from toolchain.commands.common import positive_int
 from toolchain.commands.common import add_model_args, add_nproc_arg, add_overwrite_arg, add_runtime_args, maybe_relaunch, resolve_model_path
 from toolchain.errors import ConfigError
+from toolchain.io.hashing import sha256_file, sha256_tree
 
 
 # The built-in methods' names, kept here so that --help imports no torch; tests/test_cli.py checks that they are
@@ -92,28 +92,6 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tree_sha256(path: Path) -> str | None:
-    """SHA-256 over a model file, or over every file of a model folder (names and contents)."""
-    if path.is_file():
-        return _file_sha256(path)
-    if not path.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + (_file_sha256(f) or "").encode())
-    return h.hexdigest()
-
-
 def run_inputs(args: argparse.Namespace, cfg, model_path: Path) -> dict:
     """What an interrupted run's training state depends on: recorded in the work folder and compared on resume."""
     import torch
@@ -121,8 +99,8 @@ def run_inputs(args: argparse.Namespace, cfg, model_path: Path) -> dict:
     from toolchain import __version__
 
     return json.loads(json.dumps({
-        "quant_config": cfg.to_dict(), "model_sha256": _tree_sha256(Path(model_path)), "preset": args.preset,
-        "calibration_manifest_sha256": _file_sha256(args.calib / "manifest.json"), "calib_limit": args.calib_limit,
+        "quant_config": cfg.to_dict(), "model_sha256": sha256_tree(model_path), "preset": args.preset,
+        "calibration_manifest_sha256": sha256_tree(args.calib / "manifest.json"), "calib_limit": args.calib_limit,
         "batch_size": args.batch_size, "seed": args.seed, "toolchain": __version__, "torch": torch.__version__,
     }, default=str))
 
@@ -201,7 +179,7 @@ def _run_locked(args: argparse.Namespace, model_path: Path, device) -> int:
     if D.world_size() > 1:
         summary["processes"] = D.world_size()
     summary["source_model"] = str(Path(model_path).resolve())
-    summary["source_model_sha256"] = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if Path(model_path).is_file() else None
+    summary["source_model_sha256"] = sha256_file(model_path) if Path(model_path).is_file() else None
     summary["calibration_set"] = str(args.calib.resolve())
     summary["calibration_images"] = sum(b.shape[0] for b in batches)
     if args.mp_table is not None:

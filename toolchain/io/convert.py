@@ -6,11 +6,11 @@ converting them once lets every later load skip pickle entirely.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from toolchain.errors import CheckpointError
+from toolchain.io.hashing import sha256_file
 from toolchain.io.weights import check_finite, load_tensors, save_tensors
 
 
@@ -18,15 +18,6 @@ def file_record(path: str | os.PathLike) -> dict:
     """{"path", "name", "bytes", "sha256"} of a source file, as import reports record them."""
     path = Path(path)
     return {"path": str(path), "name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pickle_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> str:
