@@ -61,6 +61,7 @@ def _with(**patch):
     (_with(quantize__0__rules=[{"match": "conv_in$"}]), "a rule needs bits, w_bits, a_bits or skip"),
     (_with(export__0__from="nope"), "from 'nope' is neither 'fp' nor a quantize run"),
     ({**BASE, "profile": [{"export": "nope"}]}, "profile[0]: export 'nope' is not an export"),
+    ({**BASE, "profile": [{"export": "e"}, {"export": "e", "threads": 1}]}, "profile[1]: export 'e' is profiled twice"),
     (_with(export__0__target="tflite", export__0__dynamic=True), "dynamic shapes are an ONNX export option"),
     ({**BASE, "evaluation": {"seed": 0}}, "evaluation uses the calibration images"),
     ({**BASE, "quantize": BASE["quantize"] * 2}, "used twice"),

@@ -21,9 +21,11 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from toolchain.io.hashing import sha256_tree
 
 STATE = "run_state.json"
 RECIPE_COPY = "recipe.json"
@@ -42,26 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- fingerprints ---------------------------------------------------------------------------------
 
-def _file_digest(path: Path, h: "hashlib._Hash") -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
 def fingerprint(path: Path | None) -> str:
-    """SHA-256 over a file's bytes, or over a folder's relative paths and file bytes; "absent" if missing."""
-    if path is None:
-        return "none"
-    h = hashlib.sha256()
-    if path.is_file():
-        _file_digest(path, h)
-    elif path.is_dir():
-        for f in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-            _file_digest(f, h)
-    else:
-        return "absent"
-    return h.hexdigest()
+    """The content hash of a stage input or output (``toolchain.io.hashing.sha256_tree``); "none" / "absent"."""
+    return "none" if path is None else (sha256_tree(path) or "absent")
 
 
 @dataclass
@@ -72,7 +57,6 @@ class Stage:
     outputs: list[Path]
     derived: tuple[Path, Callable[[], str]] | None = None  # an input the run writes itself (a quant config): path, text
     action: Callable[[], None] | None = None  # in-process work instead of a verb (the report)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self, out: Path) -> str:
         """Independent of where the run folder and the inputs are: paths under ``out`` are written relative to it and
@@ -89,14 +73,23 @@ class Stage:
 
     def write_derived(self) -> None:
         if self.derived is not None:
-            from toolchain.io.atomic import atomic_write_text
-
-            path, text = self.derived[0], self.derived[1]()
-            if not path.is_file() or path.read_text() != text:
-                atomic_write_text(path, text)
+            _write_if_changed(self.derived[0], self.derived[1]())
 
     def outputs_fingerprint(self) -> str:
         return hashlib.sha256("".join(fingerprint(p) for p in self.outputs).encode()).hexdigest()
+
+    def is_current(self, done: dict[str, Any] | None, key: str) -> bool:
+        """Whether the recorded run ``done`` of this stage (run_state.json) had this key and its outputs are untouched."""
+        return (bool(done) and done.get("key") == key and all(p.exists() for p in self.outputs)
+                and done.get("outputs") == self.outputs_fingerprint())
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``path`` atomically unless it already holds ``text`` (so its content hash, not its mtime, is what changes)."""
+    from toolchain.io.atomic import atomic_write_text
+
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -157,8 +150,8 @@ def plan(recipe, out: Path) -> list[Stage]:
         stages.append(quantize_stage(f"quantize:{r.name}", ckpt, qdir / f"{r.name}.config.json", rules_file))
         checkpoints[r.name] = ckpt
 
-    if recipe.evaluation is not None:
-        ev = out / "eval"
+    ev = out / "eval" if recipe.evaluation is not None else None
+    if ev is not None:
         argv = ["eval", "--data", str(eval_set), "--model", str(model), *preset, "--metrics", ",".join(recipe.metrics),
                 "--grid-rows", str(recipe.grid_rows), "--batch-size", str(recipe.batch_size), *dev, "--out", str(ev)]
         for r in recipe.quantize:
@@ -179,8 +172,9 @@ def plan(recipe, out: Path) -> list[Stage]:
                             [path, Path(str(path) + ".json")]))
         exports[e.name] = path
 
+    profiles: dict[str, Path] = {}
     for p in recipe.profiles:
-        pdir = out / "profile" / p.export
+        pdir = profiles[p.export] = out / "profile" / p.export
         argv = ["profile", str(exports[p.export]), "--out", str(pdir), "--threads", str(p.threads), "--runs", str(p.runs),
                 "--warmup", str(p.warmup)]
         if not p.xnnpack:
@@ -195,7 +189,9 @@ def plan(recipe, out: Path) -> list[Stage]:
     def write_report() -> None:
         from toolchain.eval.html_report import write_run_report
 
-        write_run_report(out, recipe.raw, [s.name for s in stages if s.name != "report"])
+        write_run_report(out, recipe.raw, [s.name for s in stages if s.name != "report"], eval_dir=ev, checkpoints=checkpoints,
+                         exports=[{"name": e.name, "target": e.target, "source": e.source, "path": exports[e.name],
+                                   "profile": profiles.get(e.name)} for e in recipe.exports])
 
     upstream = [q for s in stages for q in s.outputs]
     stages.append(Stage("report", ["report"], [out / RECIPE_COPY, *upstream], [out / "report.json", out / "report.html"],
@@ -249,9 +245,7 @@ def run(args: argparse.Namespace) -> int:
         state = _load_state(out) if out.is_dir() else {"stages": {}}
         changing: set[Path] = set()  # outputs of stages that would run (what follows them reruns too)
         for s in stages:
-            done = state["stages"].get(s.name)
-            current = (bool(done) and not changing.intersection(s.inputs) and done.get("key") == s.key(out)
-                       and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint())
+            current = not changing.intersection(s.inputs) and s.is_current(state["stages"].get(s.name), s.key(out))
             if not current:
                 changing.update(s.outputs)
             what = "" if s.action is not None else f": toolchain {' '.join(s.argv)}"
@@ -259,11 +253,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
-        raw_text = json.dumps(recipe.raw, indent=2, sort_keys=True)
-        if not (out / RECIPE_COPY).is_file() or (out / RECIPE_COPY).read_text() != raw_text:
-            from toolchain.io.atomic import atomic_write_text
-
-            atomic_write_text(out / RECIPE_COPY, raw_text)
+        _write_if_changed(out / RECIPE_COPY, json.dumps(recipe.raw, indent=2, sort_keys=True))
         stages = plan(recipe, out)
         state = _load_state(out)
         t_all = time.perf_counter()
@@ -273,8 +263,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(s.name)
             s.write_derived()
             key = s.key(out)
-            done = state["stages"].get(s.name)
-            if done and done.get("key") == key and all(p.exists() for p in s.outputs) and done.get("outputs") == s.outputs_fingerprint():
+            if s.is_current(state["stages"].get(s.name), key):
                 skipped.append(s.name)
                 continue
             state["stages"].pop(s.name, None)  # not current until it finishes again

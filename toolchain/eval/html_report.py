@@ -33,11 +33,14 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def collect(out: Path, recipe: dict[str, Any], stages: list[str]) -> dict[str, Any]:
-    """Everything the page shows, as plain JSON (this is ``report.json``)."""
+def collect(out: Path, recipe: dict[str, Any], stages: list[str], eval_dir: Path | None, checkpoints: dict[str, Path],
+            exports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the page shows, as plain JSON (this is ``report.json``). The artifacts are where the run put them:
+    ``eval_dir`` (report.json, grid.png), ``checkpoints`` (run name → folder), ``exports`` ({name, target, source,
+    path, profile: the profile folder or None}); paths in the result are relative to ``out``."""
     from toolchain import __version__
 
-    ev = _read(out / "eval" / "report.json")
+    ev = _read(eval_dir / "report.json") if eval_dir is not None else None
     doc: dict[str, Any] = {"name": recipe.get("name", "recipe"), "toolchain": __version__, "stages": stages, "recipe": recipe,
                            "evaluation": None, "exports": [], "files": []}
     if ev:
@@ -47,13 +50,14 @@ def collect(out: Path, recipe: dict[str, Any], stages: list[str]) -> dict[str, A
                                              "checkpoint": r.get("checkpoint")}
                                          for k, r in ev["results"].items()}}
     float_size = None
-    for e in recipe.get("export", []):
-        path = out / "export" / f"{e['name']}.{e['target']}"
+    for e in exports:
+        path = e["path"]
         if not path.is_file():
             continue
         side = _read(Path(str(path) + ".json")) or {}
         precision = _read(path.with_suffix(".precision.json")) or {}
-        prof = _read(out / "profile" / e["name"] / "profile.json")
+        prof = _read(e["profile"] / "profile.json") if e["profile"] is not None else None
+        chart = e["profile"] / "per_layer_latency.png" if e["profile"] is not None else None
         per_layer = (prof or {}).get("per_layer_ms") or {}
         layers = []
         for name, r in (precision.get("layers") or {}).items():
@@ -65,17 +69,15 @@ def collect(out: Path, recipe: dict[str, Any], stages: list[str]) -> dict[str, A
             layers.append({"name": name, "designed": designed, "executed": executed, "ms": per_layer.get(name),
                            "mismatch": bool(a_bits) and exec_a not in ("", f"int{a_bits}", f"uint{a_bits}")})
         inf = (prof or {}).get("inference_ms") or {}
-        entry = {"name": e["name"], "target": e["target"], "source": e["from"], "file": str(path.relative_to(out)),
+        entry = {"name": e["name"], "target": e["target"], "source": e["source"], "file": str(path.relative_to(out)),
                  "bytes": path.stat().st_size, "validation": side.get("validation"), "layers": layers,
                  "latency_ms": {k: inf.get(k) for k in ("median", "min", "avg") if k in inf} or None,
                  "threads": (prof or {}).get("threads"),
-                 "chart": str((out / "profile" / e["name"] / "per_layer_latency.png").relative_to(out))
-                 if (out / "profile" / e["name"] / "per_layer_latency.png").is_file() else None}
+                 "chart": str(chart.relative_to(out)) if chart is not None and chart.is_file() else None}
         doc["exports"].append(entry)
-        if e["from"] == "fp":
+        if e["source"] == "fp":
             float_size = float_size or path.stat().st_size
-    for q in recipe.get("quantize", []):
-        p = out / "quantize" / q["name"]
+    for p in checkpoints.values():
         if p.exists():
             doc["files"].append({"path": str(p.relative_to(out)), "bytes": _size(p)})
     for e in doc["exports"]:
@@ -93,11 +95,12 @@ def _validation_text(v: Any) -> str | None:
     return ", ".join(parts) or None
 
 
-def write_run_report(out: Path, recipe: dict[str, Any], stages: list[str]) -> Path:
-    """Write ``out/report.json`` and ``out/report.html``; returns the HTML path."""
+def write_run_report(out: Path, recipe: dict[str, Any], stages: list[str], eval_dir: Path | None = None,
+                     checkpoints: dict[str, Path] | None = None, exports: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``out/report.json`` and ``out/report.html`` (arguments as for ``collect``); returns the HTML path."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    doc = collect(out, recipe, stages)
+    doc = collect(out, recipe, stages, eval_dir, checkpoints or {}, exports or [])
     atomic_write_json(out / "report.json", doc)
     ev = doc["evaluation"]
     metric_names = ev["metrics"] if ev else []
@@ -111,14 +114,14 @@ def write_run_report(out: Path, recipe: dict[str, Any], stages: list[str]) -> Pa
     for e in doc["exports"]:
         lat = e["latency_ms"]
         exports.append({**e, "validation": _validation_text(e["validation"]),
-                        "latency": (f"median {lat['median']:.2f} ms" if lat and lat.get("median") is not None else None)
-                        if lat else None,
+                        "latency": f"median {lat['median']:.2f} ms" if lat and lat.get("median") is not None else None,
                         "layers": [{**l, "ms": _fmt(l["ms"]) if l["ms"] is not None else "–"} for l in e["layers"]]})
     files = [{"path": f["path"], "mib": f["bytes"] / 2**20,
               "ratio": f"{f['vs_float_export']:.3f}" if f.get("vs_float_export") else "–"} for f in doc["files"]]
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("run_report.html.j2").render(
-        name=doc["name"], version=doc["toolchain"], stages=stages, grid="eval/grid.png" if (out / "eval" / "grid.png").is_file() else None,
+        name=doc["name"], version=doc["toolchain"], stages=stages,
+        grid=str((eval_dir / "grid.png").relative_to(out)) if eval_dir is not None and (eval_dir / "grid.png").is_file() else None,
         metrics_rows=rows, metric_names=metric_names, skipped=(ev or {}).get("skipped_metrics", {}), files=files, exports=exports,
         recipe_json=json.dumps(recipe, indent=2))
     return atomic_write_text(out / "report.html", html)

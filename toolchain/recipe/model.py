@@ -234,6 +234,8 @@ def parse_recipe(data: Any, base: Path, where: str = "recipe") -> Recipe:
     for i, p in enumerate(data.get("profile", [])):
         if p["export"] not in enames:
             raise ConfigError(f"{where}: profile[{i}]: export '{p['export']}' is not an export of this recipe ({', '.join(enames) or 'none'})")
+        if any(q.export == p["export"] for q in profiles):  # (one profile folder and stage per export)
+            raise ConfigError(f"{where}: profile[{i}]: export '{p['export']}' is profiled twice; give each export one profile entry")
         profiles.append(ProfileTarget(p["export"], int(p.get("threads", 4)), int(p.get("runs", 20)), int(p.get("warmup", 3)),
                                       bool(p.get("xnnpack", True)), p.get("adb")))
     model = data.get("model", {})
