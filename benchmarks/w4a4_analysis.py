@@ -158,18 +158,22 @@ def stage_a(model_path: Path, calib, lq, fp_out, layer_modes: list[str]) -> dict
     return {"per_layer": per_layer, "per_kind": per_kind}
 
 
+def _kind_scores(model, run, names: list[str], switch: tuple[bool, bool], fp_out, rows: dict, column: str) -> None:
+    """rows[kind][column] = score of the model with only ``kind``'s layers switched to ``switch`` (weights, activations)."""
+    kinds = {n: layer_kind(n) for n in names}
+    for kind in sorted(set(kinds.values())):
+        members = [n for n in names if kinds[n] == kind]
+        _switch(model, {n: switch for n in members})
+        rows.setdefault(kind, {})[column] = _score(run(members), fp_out)
+
+
 def stage_b(model_path: Path, calib, lq, fp_out) -> dict:
     kinds_rows: dict[str, dict] = {}
     whole: dict[str, dict] = {}
     for obs in tqdm(ACT_OBSERVERS, desc="b: activation observers"):
         model = calibrated_w4a4(model_path, calib, act_observer=obs)
         names = [n for n, _ in quant_layers(model)]
-        kinds = {n: layer_kind(n) for n in names}
-        run = Restorer(model, lq)
-        for kind in sorted(set(kinds.values())):
-            members = [n for n in names if kinds[n] == kind]
-            _switch(model, {n: (False, True) for n in members})
-            kinds_rows.setdefault(kind, {})[obs] = _score(run(members), fp_out)
+        _kind_scores(model, Restorer(model, lq), names, (False, True), fp_out, kinds_rows, obs)
         _switch(model, {n: (False, True) for n in names})
         kinds_rows.setdefault("ALL", {})[obs] = _score(restore_set(model, lq, desc=f"{obs} all A4"), fp_out)
         _switch(model, {n: (True, True) for n in names})
@@ -178,12 +182,7 @@ def stage_b(model_path: Path, calib, lq, fp_out) -> dict:
     for wobs in W_OBSERVERS:
         model = calibrated_w4a4(model_path, calib[:1], w_observer=wobs)  # activations unused here
         names = [n for n, _ in quant_layers(model)]
-        kinds = {n: layer_kind(n) for n in names}
-        run = Restorer(model, lq)
-        for kind in sorted(set(kinds.values())):
-            members = [n for n in names if kinds[n] == kind]
-            _switch(model, {n: (True, False) for n in members})
-            w_rows.setdefault(kind, {})[wobs] = _score(run(members), fp_out)
+        _kind_scores(model, Restorer(model, lq), names, (True, False), fp_out, w_rows, wobs)
         _switch(model, {n: (True, False) for n in names})
         w_rows.setdefault("ALL", {})[wobs] = _score(restore_set(model, lq, desc=f"W {wobs} all"), fp_out)
     # best activation observer per kind by end-to-end PSNR vs float (the analysis faces)

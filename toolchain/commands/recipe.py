@@ -25,14 +25,13 @@ def run(args: argparse.Namespace) -> int:
     from toolchain.recipe import load_recipe
     from toolchain.recipe.model import check_against_machine
 
+    from toolchain.commands.run import plan
+
     r = load_recipe(args.recipe)
     checked = check_against_machine(r)  # files, device, metrics, rules vs the model's layers
-    stages = ["calibrate"] + (["eval-set"] if r.evaluation else [])
-    for q in r.quantize:
-        stages += [f"quantize:{q.name}.base", f"allocate:{q.name}", f"quantize:{q.name}"] if q.allocate else [f"quantize:{q.name}"]
-    stages += (["eval"] if r.evaluation else []) + [f"export:{e.name}" for e in r.exports] + [f"profile:{p.export}" for p in r.profiles]
+    stages = [s.name for s in plan(r, Path("OUT"))]  # (planning writes nothing)
     print(json.dumps({"recipe": str(args.recipe), "valid": True, "name": r.name, "model": checked,
                       "quantize": {q.name: {"method": q.method, "bits": q.bits, "params": q.params, "rules": len(q.rules),
                                             "allocate": q.allocate is not None} for q in r.quantize},
-                      "stages": stages + ["report"]}, indent=2, default=str))
+                      "stages": stages}, indent=2, default=str))
     return 0

@@ -175,21 +175,10 @@ def restore_batched(model: OSDFaceModel, lq: torch.Tensor, device: torch.device,
 
 
 def heldout_quality(model: OSDFaceModel, files: list[Path], size: int, seed: int, device: torch.device) -> dict[str, float]:
-    """PSNR / ST-LPIPS vs HQ of the degraded input and of the restored output, on held-out faces."""
-    from toolchain.calibration.degrade import degrade
-
-    faces = load_faces(files, size)
-    lq_all, hq_all, out_all = [], [], []
-    with torch.no_grad():
-        for i, f in enumerate(faces):
-            hq = f.astype("float32") / 255.0
-            lq, _ = degrade(hq, seed + 10_000, i)
-            lq_t = torch.from_numpy(lq).permute(2, 0, 1)[None].float()
-            out = (model(lq_t.to(device) * 2 - 1).float().cpu() + 1) / 2
-            lq_all.append(lq_t)
-            hq_all.append(torch.from_numpy(hq).permute(2, 0, 1)[None])
-            out_all.append(out)
-    lq_t, hq_t, out_t = torch.cat(lq_all), torch.cat(hq_all), torch.cat(out_all)
+    """PSNR / ST-LPIPS vs HQ of the degraded input and of the restored output, on held-out faces (degradation
+    seed ``seed + 10000``; one image per forward pass)."""
+    lq_t, hq_t = degraded_pairs(files, size, seed + 10_000)
+    out_t = restore_batched(model, lq_t, device, batch=1)
     return {
         "images": len(files),
         "lq_psnr": float(psnr(lq_t, hq_t).mean()), "lq_st_lpips": float(st_lpips(lq_t, hq_t).mean()),
