@@ -321,10 +321,10 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             bar.update(1)
             out_of_time = stop if stop is not None else (self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
-            plateau = bool(self.cfg.eval_every) and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps) and self._plateaued()
+            scored = bool(self.cfg.eval_every) and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps)
+            plateau = scored and self._plateaued()
             self.stopped_early = plateau  # (saved below: a rerun of a plateaued workdir trains no further)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time or plateau \
-                    or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0):
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time or scored:
                 self.save()  # (after each validation too, so a resumed run never scores a step twice)
             if plateau:
                 if main:
