@@ -30,12 +30,17 @@ def w8a8(tiny_model_path, calib_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def tflite_pipeline(w8a8, calib_dir):
-    out = w8a8 / "pipe.tflite"
-    assert main(["export", str(w8a8 / "ck"), "--target", "tflite", "--out", str(out), "--calib", str(calib_dir), "--images", "2",
+def _validated_pipeline(root, calib_dir, target: str):
+    """The W8A8 checkpoint exported (--part full, the default) to ``target`` with --validate on 2 images."""
+    out = root / f"pipe.{target}"
+    assert main(["export", str(root / "ck"), "--target", target, "--out", str(out), "--calib", str(calib_dir), "--images", "2",
                  "--validate"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def tflite_pipeline(w8a8, calib_dir):
+    return _validated_pipeline(w8a8, calib_dir, "tflite")
 
 
 def _images(model, calib_dir, n=2):
@@ -150,10 +155,7 @@ def test_profile_reports_every_tflite_signature(tflite_pipeline, tmp_path, capfd
 
 @pytest.fixture(scope="module")
 def onnx_pipeline(w8a8, calib_dir):
-    out = w8a8 / "pipe.onnx"
-    assert main(["export", str(w8a8 / "ck"), "--target", "onnx", "--out", str(out), "--calib", str(calib_dir), "--images", "2",
-                 "--validate"]) == 0
-    return out
+    return _validated_pipeline(w8a8, calib_dir, "onnx")
 
 
 def test_onnx_pipeline_stages_run_alone_and_chain_to_the_full_graph(onnx_pipeline, w8a8, calib_dir):
