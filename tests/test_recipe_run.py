@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolchain.cli import main
 
@@ -172,6 +173,29 @@ def test_a_changed_stage_reruns_it_and_what_follows_only(reference_run, tmp_path
     assert [p[2].rstrip(":") for p in plan if p[0] == "would"] == ["profile:w8a8-onnx", "report"]
     assert main(["run", str(changed), "--out", str(copy)]) == 0
     assert json.loads(capsys.readouterr().out)["ran"] == ["profile:w8a8-onnx", "report"]
+
+
+def test_nproc_per_node_runs_the_quantize_stage_data_parallel_outside_the_key(reference_run, tmp_path, capsys):
+    recipe, out = reference_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "quantize" / "w8a8")  # the quantize stage must run again, now as 2 gloo processes
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--out", str(copy), "--nproc-per-node", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ran"][0] == "quantize:w8a8"
+    meta = json.loads((copy / "quantize" / "w8a8" / "quant_config.json").read_text())
+    assert meta["summary"]["processes"] == 2
+    # the 1-process checkpoint to float noise (each rank calibrates on all batches, at its own thread count) ...
+    from toolchain.io.weights import load_tensors
+
+    one, two = (load_tensors(d / "quantize" / "w8a8" / "model.safetensors") for d in (out, copy))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-4, atol=1e-6), k
+    # ... and the process count is not part of the stage's key: a plain rerun finds everything current
+    assert main(["run", str(recipe), "--out", str(copy)]) == 0
+    assert json.loads(capsys.readouterr().out)["ran"] == []
 
 
 @pytest.mark.parametrize("stage_verb", ["quantize", "export", "report"])

@@ -21,10 +21,11 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from toolchain.commands.common import positive_int
 from toolchain.io.hashing import sha256_tree
 
 STATE = "run_state.json"
@@ -39,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", type=Path, help="recipe JSON file")
     p.add_argument("--out", type=Path, required=True, help="run folder: new, empty, or an earlier run's folder")
     p.add_argument("--dry-run", action="store_true", help="print the stages and whether each would run, then stop")
+    p.add_argument("--nproc-per-node", type=positive_int, default=None, metavar="N",
+                   help="run the quantize and allocate stages as N data-parallel processes (one GPU each on CUDA, gloo on "
+                        "the CPU; see README 'Several GPUs'); not part of the stages' keys, so a finished stage stays current")
     p.set_defaults(func=run)
 
 
@@ -57,6 +61,11 @@ class Stage:
     outputs: list[Path]
     derived: tuple[Path, Callable[[], str]] | None = None  # an input the run writes itself (a quant config): path, text
     action: Callable[[], None] | None = None  # in-process work instead of a verb (the report)
+    launch: list[str] = field(default_factory=list)  # how to run it (--nproc-per-node N): outside the key, same result
+
+    @property
+    def command(self) -> list[str]:
+        return [*self.argv, *self.launch]
 
     def key(self, out: Path) -> str:
         """Independent of where the run folder and the inputs are: paths under ``out`` are written relative to it and
@@ -94,8 +103,10 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 # -- planning ---------------------------------------------------------------------------------------
 
-def plan(recipe, out: Path) -> list[Stage]:
-    """The stages of ``recipe`` writing under ``out``, in execution order."""
+def plan(recipe, out: Path, nproc_per_node: int | None = None) -> list[Stage]:
+    """The stages of ``recipe`` writing under ``out``, in execution order; ``nproc_per_node`` (> 1) launches the
+    data-parallel stages (quantize, allocate) as that many processes."""
+    launch = ["--nproc-per-node", str(nproc_per_node)] if nproc_per_node and nproc_per_node > 1 else []
     from toolchain.defaults import resolve_model_path
 
     model = resolve_model_path(recipe.model_path)
@@ -131,7 +142,7 @@ def plan(recipe, out: Path) -> list[Stage]:
                     "--seed", str(recipe.seed), "--batch-size", str(recipe.batch_size), *dev, "--out", str(ckpt)]
             if run.calib_limit:
                 argv[1:1] = ["--calib-limit", str(run.calib_limit)]
-            return Stage(name, argv, [model, calib, cfg_path, extra_rules], [ckpt], derived=(cfg_path, config_text))
+            return Stage(name, argv, [model, calib, cfg_path, extra_rules], [ckpt], derived=(cfg_path, config_text), launch=launch)
 
         if r.allocate is not None:
             base = qdir / f"{r.name}.base"
@@ -142,7 +153,8 @@ def plan(recipe, out: Path) -> list[Stage]:
                     "--metric", a.metric, "--epsilon", str(a.epsilon), "--bits", ",".join(map(str, a.candidate_bits)),
                     "--budget-bits", str(a.budget_bits), "--cost", a.cost, "--device", recipe.device,
                     *[x for m, b in a.pins for x in ("--pin", f"{m}={b}")]]
-            stages.append(Stage(f"allocate:{r.name}", argv, [base, calib], [adir / "mp_table.json", adir / "recipe_rules.json"]))
+            stages.append(Stage(f"allocate:{r.name}", argv, [base, calib], [adir / "mp_table.json", adir / "recipe_rules.json"],
+                                launch=launch))
             rules_file = adir / "recipe_rules.json"
         else:
             rules_file = None
@@ -241,20 +253,20 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out, args.recipe)
     check_against_machine(recipe)  # files, device, metrics, rules vs the model's layers: before any stage runs
     if args.dry_run:
-        stages = plan(recipe, out)
+        stages = plan(recipe, out, args.nproc_per_node)
         state = _load_state(out) if out.is_dir() else {"stages": {}}
         changing: set[Path] = set()  # outputs of stages that would run (what follows them reruns too)
         for s in stages:
             current = not changing.intersection(s.inputs) and s.is_current(state["stages"].get(s.name), s.key(out))
             if not current:
                 changing.update(s.outputs)
-            what = "" if s.action is not None else f": toolchain {' '.join(s.argv)}"
+            what = "" if s.action is not None else f": toolchain {' '.join(s.command)}"
             print(f"{'up to date' if current else 'would run':>10}  {s.name}{what}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         _write_if_changed(out / RECIPE_COPY, json.dumps(recipe.raw, indent=2, sort_keys=True))
-        stages = plan(recipe, out)
+        stages = plan(recipe, out, args.nproc_per_node)
         state = _load_state(out)
         t_all = time.perf_counter()
         ran, skipped = [], []
@@ -269,12 +281,12 @@ def run(args: argparse.Namespace) -> int:
             state["stages"].pop(s.name, None)  # not current until it finishes again
             atomic_write_json(out / STATE, state)
             t0 = time.perf_counter()
-            tqdm.write(f"run: {s.name}" + ("" if s.action else f": toolchain {' '.join(s.argv)}"), file=sys.stderr)
+            tqdm.write(f"run: {s.name}" + ("" if s.action else f": toolchain {' '.join(s.command)}"), file=sys.stderr)
             if s.action is not None:
                 s.action()
             else:
                 with contextlib.redirect_stdout(sys.stderr):  # stdout carries run's own JSON summary only
-                    rc = cli_main(s.argv)
+                    rc = cli_main(s.command)
                 if rc != 0:
                     bar.close()
                     print(f"note: stage {s.name} stopped (exit {rc}); rerun `toolchain run {args.recipe} --out {out}` to resume "

@@ -7,9 +7,14 @@
                            "layers": {path: bits, specs, act scale/zero point, transform, lowrank},
                            "summary"}
 
-The loader rebuilds the float model from ``model_config``, re-creates each quantized layer's
-structure from its ``layers`` entry and loads the tensors strictly, so a loaded checkpoint
-reproduces the saved model's outputs bit for bit.
+The loader rebuilds the float model from ``model_config`` and takes *which* layers are quantized and
+at *what* bits from the stored recipe (``quant_config``: the QuantConfig the run executed, completed
+by ``quantize_`` with the rules for what the method decided from data); the ``layers`` table must agree
+with it layer for layer (a disagreement means an edited or damaged checkpoint and is refused), and
+supplies what calibration produced: each grid's observer settings, the online transform and the
+low-rank branch. The tensors then load strictly, so a loaded checkpoint reproduces the saved model's
+outputs bit for bit. Version 1 checkpoints (written before the recipe was complete) rebuild from the
+table alone.
 """
 
 from __future__ import annotations
@@ -21,20 +26,21 @@ from typing import Any
 
 import torch
 
-from toolchain.errors import CheckpointError
+from toolchain.errors import CheckpointError, ConfigError
 from toolchain.io.atomic import atomic_directory, atomic_write_json
 from toolchain.io.weights import check_finite, load_tensors, save_tensors
 from toolchain.models.configs import ModelConfig
 from toolchain.models.osdface import OSDFaceModel, build_model
 from toolchain.quant.calibrate import quant_layers, set_submodule
 from toolchain.quant.components import build_component
-from toolchain.quant.config import QuantConfig
+from toolchain.quant.config import QuantConfig, quantizable_layers
 from toolchain.quant.layers import QUANT_LAYER_TYPES
 from toolchain.quant.quantizer import QuantSpec
 from toolchain.topology import topology_of
 
 FORMAT = "quantface-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def layer_table(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -80,8 +86,9 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path} must hold a JSON object, not {type(meta).__name__ if meta is not None else 'null'}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path} has checkpoint version {meta.get('version')}; this toolchain reads version {FORMAT_VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{cfg_path} has checkpoint version {meta.get('version')}; this toolchain reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     for key, typ in (("model_config", dict), ("layers", dict), ("quant_config", dict)):
         if key not in meta:
             raise CheckpointError(f"{cfg_path} lacks '{key}'; the checkpoint is incomplete — quantize again")
@@ -125,11 +132,34 @@ def rebuild_quant_structure(model: torch.nn.Module, layers: dict[str, dict[str, 
         set_submodule(model, name, q)
 
 
+def check_table_against_recipe(model: torch.nn.Module, qconfig: QuantConfig, layers: dict[str, dict[str, Any]], where: str) -> None:
+    """Refuse a layer table that is not what ``qconfig`` selects on ``model`` (the float model): the
+    same set of layers, each with the recipe's weight and activation bits. Raises CheckpointError
+    naming the first disagreements."""
+    plan = {name: qconfig.layer_specs(name) for name, _ in quantizable_layers(model)}
+    plan = {name: (s[0].bits, s[1].bits) for name, s in plan.items() if s is not None}
+    problems = [f"'{n}' is quantized but the recipe keeps it float" for n in layers if n not in plan]
+    problems += [f"'{n}' is missing (the recipe quantizes it at W{w}A{a})" for n, (w, a) in plan.items() if n not in layers]
+    for name, desc in layers.items():
+        if name in plan and (desc.get("w_bits"), desc.get("a_bits")) != plan[name]:
+            problems.append(f"'{name}' is W{desc.get('w_bits')}A{desc.get('a_bits')}, the recipe says W{plan[name][0]}A{plan[name][1]}")
+    if problems:
+        raise CheckpointError(f"{where}: the layer table disagrees with the stored recipe ({len(problems)} layer(s)): "
+                              f"{'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''} — the checkpoint was edited or "
+                              f"damaged; quantize again")
+
+
 def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[OSDFaceModel, dict[str, Any]]:
     """Load a checkpoint directory; returns (model in eval mode, metadata)."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_checkpoint_meta(ckpt_dir)
     model = build_model(ModelConfig.from_dict(meta["model_config"]), seed=None)
+    if meta["version"] >= 2:
+        try:
+            qconfig = QuantConfig.from_dict(meta["quant_config"])
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt_dir}/quant_config.json: the stored recipe is invalid ({exc})") from None
+        check_table_against_recipe(model, qconfig, meta["layers"], f"{ckpt_dir}/quant_config.json")
     try:
         rebuild_quant_structure(model, meta["layers"])
     except (KeyError, TypeError, ValueError) as exc:
