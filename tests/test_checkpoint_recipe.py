@@ -15,7 +15,8 @@ from conftest import tiny_batches
 from toolchain.errors import CheckpointError
 from toolchain.methods import MethodContext
 from toolchain.models import load_model
-from toolchain.quant.api import quantize_, record_method_decisions
+from toolchain.quant.api import quantize_
+from toolchain.quant.executed import record_method_decisions
 from toolchain.quant.calibrate import calibrate_activations, quant_layers
 from toolchain.quant.checkpoint import load_quantized, save_quantized
 from toolchain.quant.config import LayerRule, QuantConfig, quantizable_layers

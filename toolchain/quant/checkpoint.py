@@ -34,6 +34,7 @@ from toolchain.models.osdface import OSDFaceModel, build_model
 from toolchain.quant.calibrate import quant_layers, set_submodule
 from toolchain.quant.components import build_component
 from toolchain.quant.config import QuantConfig, quantizable_layers
+from toolchain.quant.executed import record_method_decisions
 from toolchain.quant.layers import QUANT_LAYER_TYPES
 from toolchain.quant.quantizer import QuantSpec
 from toolchain.topology import topology_of
@@ -48,8 +49,11 @@ def layer_table(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_quantized(model: OSDFaceModel, qconfig: QuantConfig, out_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint directory atomically."""
+    """Write the checkpoint directory atomically. ``qconfig`` is first completed in place with exact-name
+    rules for any layer whose bits it does not already give (``record_method_decisions``), so the stored
+    recipe is the executed one and the loader can rebuild from it."""
     out_dir = Path(out_dir)
+    record_method_decisions(model, qconfig)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
