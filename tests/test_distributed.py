@@ -167,6 +167,91 @@ def test_two_process_qdlora_gradient_equals_one_process(tiny_model_path, tmp_pat
     assert (tmp_path / "two" / "trainer_state.pt").is_file() and (tmp_path / "two" / "loss_curve.png").is_file()
 
 
+# -- PassionSR, Q-Diffusion, QArtSR on the tiny preset ---------------------------------------------
+
+# tiny budgets: every fit call is cut to its first step at lr 0 (below), so these only decide which calls run
+_METHOD_PARAMS = {
+    "passionsr": {"epochs": 1},  # LET (whole batches on every rank) then LBQ (sharded), per stage
+    "qdiffusion": {"steps_per_block": 1},  # one sharded fit per block
+    "qartsr": {"steps_per_module": 1, "e2e_steps": 1, "timestep_offsets": [0], "sweep_batches": 1},  # per module, then end to end
+}
+# the fit calls that run (the others get 0 steps, to keep the test short): every PassionSR phase; blocks called
+# with one tensor, with (tensor, None), with positional (tensor, temb) + keyword prompt, with keywords only and
+# a tuple of skip tensors; QArtSR at both ends of its reversed order and end to end
+_METHOD_FITS = ("PassionSR", "Q-Diffusion vae.encoder.conv_in", "Q-Diffusion vae.decoder.up_blocks.0", "Q-Diffusion unet.mid_block",
+                "Q-Diffusion unet.up_blocks.1", "QArtSR RPQ vae.decoder.conv_out", "QArtSR RPQ unet.up_blocks.1",
+                "QArtSR RPQ vae.encoder.conv_in", "QArtSR end-to-end")
+
+
+def _method_first_steps(model_path: Path) -> dict[str, list[dict]]:
+    """Each method on the tiny model (W4A4, one batch of 3 images: shards of 2 and 1) with every ``fit`` call
+    cut to one step at lr 0, so the parameters stay put and each call starts from the same state in a 1- and
+    a 2-process run; per call: sharded or not, the first loss and the gradients of that step."""
+    import importlib
+
+    from toolchain.methods import MethodContext, get_method
+    from toolchain.models import load_model
+    from toolchain.quant.config import QuantConfig
+    from toolchain.train.fit import fit
+
+    batches = tiny_batches(1, batch=3)
+    out: dict[str, list[dict]] = {}
+    for method, params in _METHOD_PARAMS.items():
+        module = importlib.import_module(f"toolchain.methods.{method}")
+        calls: list[dict] = []
+
+        def spy(params_, loss_fn, n, steps, lr, seed, device, workdir, desc, *args, calls=calls, **kwargs):
+            run = desc.startswith("PassionSR") or desc in _METHOD_FITS
+            res = fit(params_, loss_fn, n, min(steps, int(run)), 0.0, seed, device, workdir, desc, *args, **kwargs)
+            if res["steps"]:
+                calls.append({"desc": desc, "sharded": kwargs.get("batches") is not None, "loss": res["history"][0]["loss"],
+                              "grads": {k: p.grad.clone() for k, p in params_.items() if p.grad is not None}})
+            return res
+
+        module.fit = spy
+        try:
+            get_method(method, params).apply(load_model(model_path), QuantConfig.for_bits(method, "w4a4", params=params),
+                                             MethodContext(batches, seed=0, log=lambda _: None))
+        finally:
+            module.fit = fit
+        out[method] = calls
+    return out
+
+
+def _methods_rank(rank: int, model_path: str, out: str) -> None:
+    torch.save(_method_first_steps(Path(model_path)), f"{out}.{rank}.pt")
+
+
+def test_two_process_passionsr_qdiffusion_qartsr_gradients_equal_one_process(tiny_model_path, tmp_path):
+    """PassionSR (LBQ), Q-Diffusion (every block) and QArtSR (every module, end to end) shard their batches:
+    for each fit call the all-reduced gradient and the global loss of 2 ranks (2 + 1 images) equal the
+    1-process ones. PassionSR's LET phase runs whole batches on every rank (dynamic min-max ranges couple the
+    samples) and is compared too; sharding it was measured to give another gradient (max |Δgrad| 0.0031 vs
+    max |grad| 0.0068 for the UNet stage). Measured here: max |Δgrad| / max |grad| of a call <= 1.4e-6 (float
+    rounding of half batches); the bound is 1e-4, the first losses agree to rel 1e-5."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same arithmetic before training (calibration at 4 bits)
+    try:
+        one = _method_first_steps(tiny_model_path)
+    finally:
+        torch.set_num_threads(threads)
+    spawn(_methods_rank, str(tiny_model_path), str(tmp_path / "two"))
+    two, other = torch.load(tmp_path / "two.0.pt"), torch.load(tmp_path / "two.1.pt")
+    for method, ref in one.items():
+        assert [c["desc"] for c in two[method]] == [c["desc"] for c in ref] and sum(c["sharded"] for c in ref) >= 3, method
+        worst = 0.0
+        for a, b, r in zip(two[method], other[method], ref):
+            assert a["sharded"] == r["sharded"] and set(a["grads"]) == set(r["grads"]) and r["grads"], r["desc"]
+            assert all(torch.equal(a["grads"][k], b["grads"][k]) for k in r["grads"])  # identical on both ranks
+            scale = max(float(g.abs().max()) for g in r["grads"].values())
+            diff = max(float((a["grads"][k] - r["grads"][k]).abs().max()) for k in r["grads"])
+            assert scale > 0 and diff <= 1e-4 * scale, f"{r['desc']}: max |Δgrad| {diff:.3g} vs max |grad| {scale:.3g}"
+            assert a["loss"] == pytest.approx(r["loss"], rel=1e-5), r["desc"]
+            worst = max(worst, diff / scale)
+        print(f"{method} 2 ranks vs 1: {len(ref)} fit calls ({sum(c['sharded'] for c in ref)} sharded), "
+              f"worst max |Δgrad| / max |grad| {worst:.3g}")
+
+
 def test_quantize_nproc_per_node_runs_two_ranks(tiny_model_path, calib_dir, tmp_path):
     """`toolchain quantize --nproc-per-node 2` re-launches through torch.distributed.run; rank 0 writes the checkpoint."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -34,6 +34,7 @@ from toolchain.quant.registry import MethodContext, QuantMethod, register_method
 from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, prepare_model, quant_layers, quantizers_off
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import BoundQuantizer
+from toolchain.quant.units import split_samples, to_device
 from toolchain.topology import STAGE_NAMES, topology_of
 from toolchain.train.fit import fit
 
@@ -172,18 +173,29 @@ class PassionSR(QuantMethod):
             if not stage_names:
                 continue
 
-            def stage_loss(step: int, i: int) -> tuple[torch.Tensor, dict[str, float]]:
-                out = sd.run(*(t.to(ctx.device) for t in sd.inputs[i]))
-                return F.mse_loss(out, sd.targets[i].to(ctx.device)), {}
+            # a batch: (its index, the stage inputs' per-sample tensors, the target); anything not laid
+            # out by sample stays in the per-batch rebuild function and every rank sees it whole
+            split = [split_samples(inputs, int(target.shape[0])) for inputs, target in zip(sd.inputs, sd.targets)]
 
-            # phase 1: LET (weights and activations follow the moving transform with min-max ranges)
+            def stage_batch(i: int, split=split, sd=sd) -> tuple[Any, ...]:
+                return (i, *split[i][0], sd.targets[i])
+
+            def stage_loss(step: int, batch: tuple[Any, ...], split=split, sd=sd) -> tuple[torch.Tensor, dict[str, float]]:
+                i, *rows, target = batch
+                out = sd.run(*to_device(split[i][1](rows), ctx.device))
+                return F.mse_loss(out, target.to(ctx.device)), {}  # a mean over the samples (one size each)
+
+            # phase 1: LET (weights and activations follow the moving transform with min-max ranges). Not
+            # sharded: a dynamic activation range is the min-max of the whole batch, so a rank holding part
+            # of it would quantize with other ranges and get another gradient; every rank runs whole batches
             let_params = {f"{k}.{pn}": prm for k in stage_names if k in lets for pn, prm in lets[k].named_parameters()}
             for k in stage_names:
                 for q in (layers[k].weight_quantizer, layers[k].input_quantizer):
                     if q is not None:
                         q.dynamic = True
-            res_let = fit(let_params, stage_loss, n, steps, p.lr, ctx.seed, ctx.device, ctx.state_dir(f"{stage}_let"),
-                          f"PassionSR {stage} LET", lr_schedule="step", milestones=(n,), checkpoint_every=p.checkpoint_every)
+            res_let = fit(let_params, lambda step, i: stage_loss(step, stage_batch(i)), n, steps, p.lr, ctx.seed, ctx.device,
+                          ctx.state_dir(f"{stage}_let"), f"PassionSR {stage} LET", lr_schedule="step", milestones=(n,),
+                          checkpoint_every=p.checkpoint_every)
             for k in stage_names:
                 if k in lets:
                     bake_let(layers[k])
@@ -191,13 +203,15 @@ class PassionSR(QuantMethod):
                 if layers[k].input_quantizer is not None:
                     layers[k].input_quantizer.dynamic = False
             calibrate_activations(model, ctx.lq_batches, state_dir=ctx.state_dir(f"{stage}_calib"), names=set(stage_names))
-            # phase 2: LBQ (learnable clipping bounds of the stage's activation quantizers)
+            # phase 2: LBQ (learnable clipping bounds of the stage's activation quantizers; fixed ranges, so
+            # the samples are independent and under torchrun each rank trains on its rows of every batch)
             bounds = {k: BoundQuantizer(layers[k].input_quantizer) for k in stage_names if layers[k].input_quantizer is not None}
             for k, bq in bounds.items():
                 layers[k].input_quantizer = bq
             bound_params = {f"{k}.{pn}": prm for k, bq in bounds.items() for pn, prm in bq.named_parameters()}
             res_lbq = fit(bound_params, stage_loss, n, steps, p.lr, ctx.seed, ctx.device, ctx.state_dir(f"{stage}_lbq"),
-                          f"PassionSR {stage} LBQ", lr_schedule="step", milestones=(n,), checkpoint_every=p.checkpoint_every)
+                          f"PassionSR {stage} LBQ", lr_schedule="step", milestones=(n,), checkpoint_every=p.checkpoint_every,
+                          batches=stage_batch)
             for k, bq in bounds.items():
                 layers[k].input_quantizer = bq.to_fake_quantizer()
             summary["stages"][stage] = {"layers": len(stage_names), "let": res_let, "lbq": res_lbq}

@@ -135,24 +135,28 @@ class QArtSR(QuantMethod):
                     if q is not None and isinstance(q.scale, nn.Parameter):
                         params[f"{k}.{side}.scale"] = q.scale
 
-            def loss_fn(step: int, i: int, unit=unit, targets=targets) -> tuple[torch.Tensor, dict[str, float]]:
+            def loss_fn(step: int, batch: tuple[torch.Tensor, ...], unit=unit) -> tuple[torch.Tensor, dict[str, float]]:
+                lq, fp_image, *target = batch  # (this rank's rows of) the LQ images, FP images, FP module outputs
                 with capture_outputs(model, [unit.name]) as seen:
-                    image = model(ctx.lq_batches[i].to(ctx.device))
-                module_loss = _mse(seen[unit.name], targets[i], ctx.device)
-                image_loss = F.mse_loss(image, fp_images[i].to(ctx.device))
+                    image = model(lq.to(ctx.device))
+                module_loss = _mse(seen[unit.name], target, ctx.device)
+                image_loss = F.mse_loss(image, fp_image.to(ctx.device))
                 return module_loss + p.image_weight * image_loss, {"module": float(module_loss.detach()), "image": float(image_loss.detach())}
 
+            # every tensor is laid out by sample and both losses are means over the samples: under torchrun
+            # each rank trains on its rows of every batch
             res = fit(params, loss_fn, n, p.steps_per_module if params else 0, p.lr, ctx.seed + u, ctx.device,
-                      ctx.state_dir(f"rpq{u:03d}"), f"QArtSR RPQ {unit.name}", checkpoint_every=p.checkpoint_every)
+                      ctx.state_dir(f"rpq{u:03d}"), f"QArtSR RPQ {unit.name}", checkpoint_every=p.checkpoint_every,
+                      batches=lambda i, targets=targets: (ctx.lq_batches[i], fp_images[i], *tensors_of(targets[i])))
             res.pop("history", None)
             modules[unit.name] = res
         all_params = {f"q{i}.scale": q.scale for i, q in enumerate(quantizers)}
 
-        def e2e_loss(step: int, i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            return F.mse_loss(model(ctx.lq_batches[i].to(ctx.device)), fp_images[i].to(ctx.device)), {}
+        def e2e_loss(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            return F.mse_loss(model(batch[0].to(ctx.device)), batch[1].to(ctx.device)), {}
 
         e2e = fit(all_params, e2e_loss, n, p.e2e_steps, p.lr, ctx.seed, ctx.device, ctx.state_dir("rpq_e2e"), "QArtSR end-to-end",
-                  checkpoint_every=p.checkpoint_every)
+                  checkpoint_every=p.checkpoint_every, batches=lambda i: (ctx.lq_batches[i], fp_images[i]))
         return {"order": [u.name for u in units], "modules": modules, "end_to_end": e2e}
 
 

@@ -28,7 +28,8 @@ from toolchain.quant.calibrate import calibrate_activations, calibrate_weights, 
 from toolchain.quant.config import QuantConfig
 from toolchain.quant.learnable import AdaRoundQuantizer, group_activation_ranges
 from toolchain.quant.quantizer import FakeQuantizer
-from toolchain.quant.units import capture_inputs, capture_outputs, output_error, reconstruction_units, to_cpu, to_device
+from toolchain.quant.units import (capture_inputs, capture_outputs, output_error, reconstruction_units, split_samples, tensors_of, to_cpu,
+                                   to_device)
 from toolchain.train.fit import fit
 
 
@@ -125,9 +126,22 @@ class QDiffusion(QuantMethod):
         total = max(1, p.steps_per_block)
         warm = int(p.warmup * total)
 
-        def loss_fn(step: int, i: int) -> tuple[torch.Tensor, dict[str, float]]:
-            args, kwargs = calls[i]
-            rec = output_error(block(*to_device(args, ctx.device), **to_device(kwargs, ctx.device)), targets[i])
+        # a batch: (its index, the per-sample tensors of the block's recorded call, the block's FP output
+        # tensors); under torchrun each rank takes its rows of them. What is not laid out by sample stays in
+        # the call's rebuild function, whole on every rank.
+        outputs = [tensors_of(t) for t in targets]
+        split = [split_samples(call, int(out[0].shape[0])) for call, out in zip(calls, outputs)]
+
+        def batch_of(i: int) -> tuple[Any, ...]:
+            return (i, *split[i][0], *outputs[i])
+
+        def loss_fn(step: int, batch: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+            i, rows = batch[0], batch[1:]
+            k = len(split[i][0])
+            args, kwargs = split[i][1](rows[:k])
+            # a mean over the samples; the rounding regulariser below depends on V alone, so the ranks'
+            # sample-weighted losses still add up to the 1-process loss and gradient
+            rec = output_error(block(*to_device(args, ctx.device), **to_device(kwargs, ctx.device)), list(rows[k:]))
             if step < warm:
                 return rec, {"rec": float(rec.detach())}
             beta = p.beta_end + (p.beta_start - p.beta_end) * (1 - (step - warm) / max(1, total - warm))
@@ -136,7 +150,8 @@ class QDiffusion(QuantMethod):
 
         params = {f"{k}.v": ada.v for k, ada in rounding.items()}
         result = fit(params, loss_fn, len(calls), p.steps_per_block if rounding else 0, p.lr, ctx.seed + index, ctx.device,
-                     ctx.state_dir(f"block{index:03d}"), f"Q-Diffusion {unit.name}", checkpoint_every=p.checkpoint_every)
+                     ctx.state_dir(f"block{index:03d}"), f"Q-Diffusion {unit.name}", checkpoint_every=p.checkpoint_every,
+                     batches=batch_of)
         flipped = 0
         with torch.no_grad():
             for k, ada in rounding.items():

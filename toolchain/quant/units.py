@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +118,61 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+class _Row:
+    """Placeholder for the ``index``-th per-sample tensor in a structure split by ``split_samples``."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def split_samples(obj: Any, n: int) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], Any]]:
+    """The per-sample tensors of a nested (args, kwargs)-like structure and a function that rebuilds it.
+
+    Per-sample are the tensors whose first dimension is the batch size ``n``; they come back in a flat
+    tuple (what ``fit(batches=...)`` shards across ranks), and ``rebuild(rows)`` puts ``rows`` (those
+    tensors or the same rows of each) back in their places. Every other leaf (None, ints, a tensor not
+    laid out by sample, e.g. a prompt kept as (1, T, D)) stays in the structure as it is: every rank
+    sees it whole. A tensor that is not per sample but happens to have ``n`` rows would be split too."""
+    rows: list[torch.Tensor] = []
+
+    def cut(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            if o.dim() > 0 and o.shape[0] == n:
+                rows.append(o)
+                return _Row(len(rows) - 1)
+            return o
+        if isinstance(o, tuple):
+            return tuple(cut(x) for x in o)
+        if isinstance(o, list):
+            return [cut(x) for x in o]
+        if isinstance(o, dict):
+            return {k: cut(v) for k, v in o.items()}
+        return o
+
+    template = cut(obj)
+
+    def rebuild(parts: Sequence[torch.Tensor]) -> Any:
+        if len(parts) != len(rows):
+            raise ValueError(f"expected {len(rows)} per-sample tensors, got {len(parts)}")
+
+        def put(o: Any) -> Any:
+            if isinstance(o, _Row):
+                return parts[o.index]
+            if isinstance(o, tuple):
+                return tuple(put(x) for x in o)
+            if isinstance(o, list):
+                return [put(x) for x in o]
+            if isinstance(o, dict):
+                return {k: put(v) for k, v in o.items()}
+            return o
+
+        return put(template)
+
+    return tuple(rows), rebuild
 
 
 def tensors_of(out: Any) -> list[torch.Tensor]:

@@ -41,7 +41,9 @@ def fit(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int, int], tup
     With ``batches`` (batch index → a tensor or tuple of tensors, sample axis first, e.g. inputs and
     targets), ``loss_fn`` receives ``(step, batch)`` instead, and the loss must be a mean over the
     samples: under torchrun each rank then gets only its rows of the batch (data parallelism with
-    the 1-process result). Without it every rank computes whole batches. ``graphable`` (with
+    the 1-process result). Entries of the tuple that are not tensors (e.g. the batch index, to look up
+    per-batch constants the loss keeps) reach every rank unchanged; a tensor that is not laid out by
+    sample belongs in the loss's closure, not in the tuple. Without it every rank computes whole batches. ``graphable`` (with
     ``batches`` giving a tuple of tensors of fixed shapes): the loss ignores ``step``, never syncs with
     the host and logs tensors, so on CUDA the step is captured once in a CUDA graph and replayed
     (toolchain/train/graphs.py; ``TOOLCHAIN_CUDA_GRAPH=off`` runs it eagerly)."""

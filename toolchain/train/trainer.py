@@ -110,7 +110,7 @@ class Trainer:
     ``shardable``: ``batch_fn(step)`` returns a tensor or a tuple/list of tensors whose first
     dimension is the sample axis (all of one length), and the loss is a mean over samples; under
     torchrun each rank then passes only its rows to ``loss_fn`` (a rank with no rows contributes
-    nothing). Raises ValueError when the tensors of a batch disagree on the number of samples.
+    nothing). Entries that are not tensors are passed to every rank as they are. Raises ValueError when the tensors of a batch disagree on the number of samples.
     """
 
     def __init__(
