@@ -79,11 +79,19 @@ def _tampered(out, tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["layers"]["unet.conv_out"].update(w_bits=8), r"'unet\.conv_out' is W8A4, the recipe says W4A4"),
+    (lambda m: m["layers"]["unet.conv_out"].update(w_bits=8) or m["layers"]["unet.conv_out"]["weight"].update(bits=8),
+     r"'unet\.conv_out' is W8A4, the recipe says W4A4"),
     (lambda m: m["layers"].pop("unet.conv_out"), r"'unet\.conv_out' is missing \(the recipe quantizes it at W4A4\)"),
     (lambda m: m["quant_config"]["rules"].pop(), r"'unet\.conv_in' is W4A8, the recipe says W4A4"),
     (lambda m: m["quant_config"]["rules"].pop(0), r"'vae\.decoder\.conv_out' is missing"),
     (lambda m: m["quant_config"].update(weight={"bits": 99}), r"stored recipe is invalid"),
+    (lambda m: m["layers"]["unet.conv_out"]["weight"].update(bits=8), r"'unet\.conv_out' has w_bits 4 but its weight spec says 8 bits"),
+    (lambda m: m["layers"]["unet.conv_out"]["activation"].update(bits=6), r"'unet\.conv_out' has a_bits 4 but its activation spec says 6"),
+    (lambda m: m["layers"]["unet.conv_out"].update(w_bits="4"), r"'unet\.conv_out': 'w_bits' must be an integer, not \"4\""),
+    (lambda m: m["layers"]["unet.conv_out"].update(weight=None), r"'unet\.conv_out' has w_bits 4 but its weight spec says null"),
+    (lambda m: m["quant_config"].update(method="nosuch"), r"method 'nosuch', which is not registered"),
+    (lambda m: m.update(quant_config=[1]), r"'quant_config' must be a JSON object, not array"),
+    (lambda m: m.update(version=1) or m["layers"]["unet.conv_out"]["weight"].update(bits=8), r"has w_bits 4 but its weight spec says 8"),
 ])
 def test_a_table_that_disagrees_with_the_stored_recipe_is_refused(saved, tmp_path, edit, message):
     _, _, out, _, _ = saved

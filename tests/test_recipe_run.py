@@ -175,14 +175,16 @@ def test_a_changed_stage_reruns_it_and_what_follows_only(reference_run, tmp_path
     assert json.loads(capsys.readouterr().out)["ran"] == ["profile:w8a8-onnx", "report"]
 
 
-def test_nproc_per_node_runs_the_quantize_stage_data_parallel_outside_the_key(reference_run, tmp_path, capsys):
+def test_nproc_per_node_runs_the_quantize_stage_data_parallel_outside_the_key(reference_run, tmp_path, capfd):
     recipe, out = reference_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "quantize" / "w8a8")  # the quantize stage must run again, now as 2 gloo processes
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(["run", str(recipe), "--out", str(copy), "--nproc-per-node", "2"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    stdout = capfd.readouterr().out  # the ranks' own prints included (file descriptor 1): only run's JSON summary
+    assert len(stdout.strip().splitlines()) == 1, stdout
+    summary = json.loads(stdout)
     assert summary["ran"][0] == "quantize:w8a8"
     meta = json.loads((copy / "quantize" / "w8a8" / "quant_config.json").read_text())
     assert meta["summary"]["processes"] == 2
@@ -195,7 +197,7 @@ def test_nproc_per_node_runs_the_quantize_stage_data_parallel_outside_the_key(re
         assert torch.allclose(one[k].float(), two[k].float(), rtol=1e-4, atol=1e-6), k
     # ... and the process count is not part of the stage's key: a plain rerun finds everything current
     assert main(["run", str(recipe), "--out", str(copy)]) == 0
-    assert json.loads(capsys.readouterr().out)["ran"] == []
+    assert json.loads(capfd.readouterr().out)["ran"] == []
 
 
 @pytest.mark.parametrize("stage_verb", ["quantize", "export", "report"])

@@ -93,6 +93,28 @@ class Stage:
                 and done.get("outputs") == self.outputs_fingerprint())
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what a stage prints to stderr: Python-level output and file descriptor 1, so that child
+    processes (the torchrun ranks of ``--nproc-per-node``) do not write into run's JSON stdout either."""
+    import os
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptor 1 (embedded use): the Python-level redirect still holds
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     """Write ``path`` atomically unless it already holds ``text`` (so its content hash, not its mtime, is what changes)."""
     from toolchain.io.atomic import atomic_write_text
@@ -285,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
             if s.action is not None:
                 s.action()
             else:
-                with contextlib.redirect_stdout(sys.stderr):  # stdout carries run's own JSON summary only
+                with _stdout_to_stderr():  # stdout carries run's own JSON summary only
                     rc = cli_main(s.command)
                 if rc != 0:
                     bar.close()

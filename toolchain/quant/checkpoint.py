@@ -93,14 +93,14 @@ def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     if meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{cfg_path} has checkpoint version {meta.get('version')}; this toolchain reads versions "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
-    for key, typ in (("model_config", dict), ("layers", dict), ("quant_config", dict)):
+    for key, what in (("model_config", "a JSON object"), ("layers", "a JSON object (layer path → entry)"), ("quant_config", "a JSON object")):
         if key not in meta:
             raise CheckpointError(f"{cfg_path} lacks '{key}'; the checkpoint is incomplete — quantize again")
-        if not isinstance(meta[key], typ):
-            raise CheckpointError(f"{cfg_path}: '{key}' must be a JSON object (name → entry), not {type(meta[key]).__name__}")
+        if not isinstance(meta[key], dict):
+            raise CheckpointError(f"{cfg_path}: '{key}' must be {what}, not {_json_type(meta[key])}")
     for name, desc in meta["layers"].items():
         if not isinstance(desc, dict):
-            raise CheckpointError(f"{cfg_path}: layer '{name}' must be a JSON object, not {type(desc).__name__}")
+            raise CheckpointError(f"{cfg_path}: layer '{name}' must be a JSON object, not {_json_type(desc)}")
     return meta
 
 
@@ -136,21 +136,48 @@ def rebuild_quant_structure(model: torch.nn.Module, layers: dict[str, dict[str, 
         set_submodule(model, name, q)
 
 
+def _layer_bits(name: str, desc: dict[str, Any], where: str) -> tuple[int | None, int | None]:
+    """A table entry's (weight, activation) bits, checked to be integers and to agree with its specs' bits."""
+    bits = []
+    for short, spec_key in (("w_bits", "weight"), ("a_bits", "activation")):
+        value, spec = desc.get(short), desc.get(spec_key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{where}: layer '{name}': '{short}' must be an integer, not {json.dumps(value)}")
+        spec_bits = spec.get("bits") if isinstance(spec, dict) else None
+        if spec is not None and not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: layer '{name}': '{spec_key}' must be a JSON object or null, not {_json_type(spec)}")
+        if spec_bits != value:
+            raise CheckpointError(f"{where}: layer '{name}' has {short} {json.dumps(value)} but its {spec_key} spec says "
+                                  f"{json.dumps(spec_bits)} bits — the checkpoint was edited or damaged; quantize again")
+        bits.append(value)
+    return bits[0], bits[1]
+
+
 def check_table_against_recipe(model: torch.nn.Module, qconfig: QuantConfig, layers: dict[str, dict[str, Any]], where: str) -> None:
     """Refuse a layer table that is not what ``qconfig`` selects on ``model`` (the float model): the
-    same set of layers, each with the recipe's weight and activation bits. Raises CheckpointError
-    naming the first disagreements."""
+    same set of layers, each with the recipe's weight and activation bits (in its ``w_bits``/``a_bits``
+    and in its specs), and a registered method. Raises CheckpointError naming the first disagreements."""
+    from toolchain.quant.registry import registered_methods
+
+    if qconfig.method not in registered_methods():
+        raise CheckpointError(f"{where}: the stored recipe names method '{qconfig.method}', which is not registered "
+                              f"(known: {', '.join(sorted(registered_methods()))})")
     plan = {name: qconfig.layer_specs(name) for name, _ in quantizable_layers(model)}
     plan = {name: (s[0].bits, s[1].bits) for name, s in plan.items() if s is not None}
+    have = {name: _layer_bits(name, desc, where) for name, desc in layers.items()}
     problems = [f"'{n}' is quantized but the recipe keeps it float" for n in layers if n not in plan]
     problems += [f"'{n}' is missing (the recipe quantizes it at W{w}A{a})" for n, (w, a) in plan.items() if n not in layers]
-    for name, desc in layers.items():
-        if name in plan and (desc.get("w_bits"), desc.get("a_bits")) != plan[name]:
-            problems.append(f"'{name}' is W{desc.get('w_bits')}A{desc.get('a_bits')}, the recipe says W{plan[name][0]}A{plan[name][1]}")
+    for name, bits in have.items():
+        if name in plan and bits != plan[name]:
+            problems.append(f"'{name}' is W{bits[0]}A{bits[1]}, the recipe says W{plan[name][0]}A{plan[name][1]}")
     if problems:
         raise CheckpointError(f"{where}: the layer table disagrees with the stored recipe ({len(problems)} layer(s)): "
                               f"{'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''} — the checkpoint was edited or "
                               f"damaged; quantize again")
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
 
 
 def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[OSDFaceModel, dict[str, Any]]:
@@ -164,6 +191,9 @@ def load_quantized(ckpt_dir: str | os.PathLike, device: str | torch.device = "cp
         except (ConfigError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{ckpt_dir}/quant_config.json: the stored recipe is invalid ({exc})") from None
         check_table_against_recipe(model, qconfig, meta["layers"], f"{ckpt_dir}/quant_config.json")
+    else:  # version 1: no complete recipe to check against; each entry must at least agree with itself
+        for name, desc in meta["layers"].items():
+            _layer_bits(name, desc, f"{ckpt_dir}/quant_config.json")
     try:
         rebuild_quant_structure(model, meta["layers"])
     except (KeyError, TypeError, ValueError) as exc:
