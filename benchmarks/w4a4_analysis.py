@@ -340,7 +340,11 @@ def report(res: dict, out: Path) -> str:
                  f"degraded input vs HQ: PSNR {res['lq_vs_hq']['psnr']:.2f} dB, ST-LPIPS {res['lq_vs_hq']['st_lpips']:.4f}.")
     if not a:
         L.append("\nStage (a), the per-layer sweep, has not been run into these results.")
-    L.append("\nPlot: `w4a4_analysis.png` (" + ("left: per-layer W4A4 PSNR vs float; right: " if a else "") + "observers per kind).")
+    if not b:
+        L.append("Stage (b), the observers per kind, has not been run into these results.")
+    if a or b:  # plot() draws the per-layer and observer panels only
+        L.append("\nPlot: `w4a4_analysis.png` (" + ("left: per-layer W4A4 PSNR vs float; right: " if a and b else
+                                                      "per-layer W4A4 PSNR vs float" if a else "") + ("observers per kind" if b else "") + ").")
     text = "\n".join(L) + "\n"
     atomic_write_text(out / "results.md", text)
     return text
