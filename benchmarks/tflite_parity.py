@@ -15,7 +15,6 @@ Reports PSNR of TFLite vs fake quant and vs FP, and PSNR / ST-LPIPS vs HQ of eac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
