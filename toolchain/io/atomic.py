@@ -71,6 +71,20 @@ def _json_default(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
+def _staging(parent: Path, stem: str) -> Iterator[Path]:
+    """A fresh ``parent/.<stem>.*.partial`` folder (created with ``parent``, umask applied), removed if the block
+    raises; on success it is left for the caller to move into place."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=parent))
+    apply_umask(staging, directory=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory that replaces ``path`` only if the block succeeds.
 
@@ -78,14 +92,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     beforehand whether it may be replaced (``toolchain.io.outputs.check_output_dir``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    apply_umask(staging, directory=True)
-    try:
+    with _staging(path.parent, path.name) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     swap_into_place(staging, path)
 
 
@@ -126,14 +134,8 @@ def atomic_file_group(folder: str | os.PathLike, stem: str, stale: Sequence[str]
     If a rename fails half-way, the files already moved are moved back, so ``folder`` holds the old
     artifact or the new one, never a mix (short of a power cut between two renames)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".partial", dir=folder))
-    apply_umask(staging, directory=True)
-    try:
+    with _staging(folder, stem) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     new = sorted(p.name for p in staging.iterdir())
     backup = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".old", dir=folder))
     moved_old: list[str] = []
