@@ -11,6 +11,14 @@ not a phone; for a phone use ``toolchain profile MODEL --adb``.
     python benchmarks/tflite_latency.py --preset tiny --variants float,w8a8,w4a8,w4a4,w4a4:int8 --out benchmarks/results/tflite_tiny
     python benchmarks/tflite_latency.py --preset osdface --parts unet,vae_decoder --variants float,w4a4:int8,w8a8,w4a4 \\
         --threads 16 --runs 3 --warmup 1 --images 1 --out benchmarks/results/tflite_osdface
+
+On a 24 GB machine at 512 px, export first and time afterwards in a second process (the exporter's heap and a
+timed interpreter of the same model do not fit together):
+
+    python benchmarks/tflite_latency.py --preset osdface --parts full --variants float,w4a4:int8,w8a8 --lean --defer-timing \
+        --images 1 --validate-images 1 --work /tmp/dsp/tfl --out benchmarks/results/deploy_speed/tflite_pipeline
+    python benchmarks/tflite_latency.py --retime-only --rounds 2 --runs 3 --warmup 1 --threads 2 --parts full \
+        --variants float,w4a4:int8,w8a8 --work /tmp/dsp/tfl --out benchmarks/results/deploy_speed/tflite_pipeline
 """
 
 from __future__ import annotations
@@ -125,12 +133,31 @@ def main() -> None:
     ap.add_argument("--keep-files", action="store_true", help="keep the .tflite files in --work (default: delete after timing)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tflite_latency"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--defer-timing", action="store_true", help="export and validate only, keeping the files; time them later with "
+                    "--retime-only (at 512 px the exporter's heap and a timed interpreter do not fit 24 GB together)")
+    ap.add_argument("--retime-only", action="store_true", help="time the files kept in --work in --rounds interleaved rounds and write "
+                    "the tables (no model is built)")
     ap.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
                     help="rebuild the tables from the rows in --work, keeping command and environment from this results.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows_dir = args.work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
+    if args.retime_only:
+        order = {v: i for i, v in enumerate(args.variants.split(","))}
+        parts = args.parts.split(",")
+        rows = sorted((json.loads(f.read_text()) for f in rows_dir.glob("*.json")),
+                      key=lambda r: (parts.index(r["part"]) if r["part"] in parts else 99, order.get(r["variant"], 99)))
+        if not rows:
+            raise SystemExit(f"error: no exported rows in {rows_dir} (run with --defer-timing first)")
+        retime_interleaved(rows, args)
+        missing = [row_stem(r["part"], r["variant"]) for r in rows if not r.get("latency_ms")]
+        if missing:
+            raise SystemExit(f"error: no .tflite kept in {args.work} for {', '.join(missing)}")
+        for r in rows:
+            atomic_write_json(rows_dir / f"{row_stem(r['part'], r['variant'])}.json", r)
+        write_tables(rows, args, rows[0].get("image_size") or 0, args.out)
+        return
     if args.report_only:
         measured = json.loads(args.report_only.read_text())
         for key in ("threads", "runs", "warmup"):
@@ -171,9 +198,10 @@ def main() -> None:
             if bits:
                 rep["validation"] = validate_tflite(path, model, part, samples[: args.validate_images])
             export_s = time.perf_counter() - t1
-            prof = profile_in_fresh_process(path, args.threads, args.runs, args.warmup)
+            prof = {} if args.defer_timing else profile_in_fresh_process(path, args.threads, args.runs, args.warmup)
             row = {"part": part, "variant": label, "bits": bits, "weight_container": container, "bytes": path.stat().st_size,
-                   "latency_ms": prof["inference_ms"], "init_ms": prof["init_ms"], "quantize_seconds": round(quantize_s, 1),
+                   "image_size": size, "latency_ms": prof.get("inference_ms"), "init_ms": prof.get("init_ms"),
+                   "quantize_seconds": round(quantize_s, 1),
                    "export_seconds": round(export_s, 1), "validation": {k: v for k, v in (rep.get("validation") or {}).items() if k != "per_image"},
                    "integer_layers": rep.get("layers_quantized"), "float_fallback_layers": rep.get("float_fallback_layers"),
                    "weight_grid_mismatches": rep.get("weight_grid_mismatches"), "scale_mismatches": rep.get("scale_mismatches"),
@@ -181,14 +209,18 @@ def main() -> None:
                    "ops": rep.get("ops")}
             atomic_write_json(row_file, row)
             rows.append(row)
-            if not (args.keep_files or args.rounds > 1):
-                for f in (path, Path(rep["float_path"])):
-                    f.unlink(missing_ok=True)
-            print(f"{part} {label}: {row['bytes'] / 1e6:.1f} MB, median {row['latency_ms']['median']:.1f} ms, "
-                  f"export {export_s:.0f} s", flush=True)
-            write_tables(rows, args, size, args.out)
+            Path(rep["float_path"]).unlink(missing_ok=True)  # the float flavour the integer file was made from
+            if not (args.keep_files or args.rounds > 1 or args.defer_timing):
+                path.unlink(missing_ok=True)
+            print(f"{part} {label}: {row['bytes'] / 1e6:.1f} MB, "
+                  + (f"median {row['latency_ms']['median']:.1f} ms, " if row["latency_ms"] else "") + f"export {export_s:.0f} s", flush=True)
+            if not args.defer_timing:
+                write_tables(rows, args, size, args.out)
             del model
             gc.collect()
+    if args.defer_timing:
+        print(f"exported {len(rows)} rows into {args.work}; time them with --retime-only", flush=True)
+        return
     if args.rounds > 1:
         retime_interleaved(rows, args)
     write_tables(rows, args, size, args.out)

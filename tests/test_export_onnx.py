@@ -81,10 +81,16 @@ def test_w4a4_export_matches_fake_quant_end_to_end(tiny_model_path, tmp_path):
     # ULP that crosses a rounding boundary moves a value a whole step and the flips cascade (17.3 dB at 1
     # thread, 16.8 dB at 4, 148 dB at 2 on this input) — the "flaky" W4A4 figure was the machine's default
     # thread count, not the graph: every layer is exact on its own input at 1, 2 and 4 threads.
-    v = validate_onnx(rep["path"], model, "full", [(b[:1],) for b in tiny_batches(3, seed=11)], threads=2)
+    # The pinned count is not enough on every CPU: MLAS picks its float kernels by ISA, so which input hits a flip
+    # differs between machines (on an AMX Xeon, image 3 of seed 11 gives 23.7 dB at 1, 2 and 4 threads — and so does
+    # PyTorch itself under a 1e-7 relative perturbation, `float_noise_floor`: that input sits on a rounding boundary).
+    # Hence five inputs, and the exact match asserted for most of them (the median); an export fault (a wrong scale,
+    # container, clip or fusion) moves every input, and every layer is checked exactly on its own input in
+    # test_export_is_exact_per_layer_and_as_good_as_fake_quant.
+    v = validate_onnx(rep["path"], model, "full", [(b[:1],) for b in tiny_batches(5, seed=11)], threads=2)
     assert v["ort_threads"] == 2
     # every QDQ op of a 4-bit design is exact in float, so both sessions match fake quant to float noise
-    assert v["psnr_db_min"] >= 45.0 and v["runs"]["no_optimizations"]["vs_fake_quant"]["min"] >= 45.0
+    assert v["median_vs_fake_quant"] >= 45.0 and v["runs"]["no_optimizations"]["vs_fake_quant"]["median"] >= 45.0
     assert v["runs"]["default"]["vs_fake_quant"]["min"] == v["psnr_db_min"] and v["default_run"] == "default"
     # the shared validation also reports the distance to full precision: the export is no further from FP than fake quant
     assert abs(v["median_vs_fp"] - v["median_fake_quant_vs_fp"]) <= 1.0
@@ -321,6 +327,7 @@ def test_float_layers_stored_as_float16_in_quantized_exports(tiny_model_path, tm
     saved = rep32["bytes"] - rep16["bytes"]
     expected = sum(model.get_submodule(n).weight.numel() * 2 for n in names)
     assert abs(saved - expected) <= 0.02 * expected + 16384, (saved, expected)  # + one Cast node per layer
-    v = validate_onnx(rep16["path"], model, "full", [(b[:1],) for b in tiny_batches(3, seed=11)], threads=2)  # inputs without W4A4 rounding-flip cascades (see above)
-    assert v["float16_layers"] == len(names) and "float16" in v["reference"] and v["psnr_db_min"] >= 45.0
+    # five inputs, most of them exact: W4A4 rounding-flip cascades hit single inputs, CPU-dependently (see above)
+    v = validate_onnx(rep16["path"], model, "full", [(b[:1],) for b in tiny_batches(5, seed=11)], threads=2)
+    assert v["float16_layers"] == len(names) and "float16" in v["reference"] and v["median_vs_fake_quant"] >= 45.0
     assert export_onnx(load_model(tiny_model_path), tmp_path / "fp.onnx")["float_weights"] == "fp32"

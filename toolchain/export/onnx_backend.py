@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from toolchain.export.backend import ExportOptions, Inputs
 from toolchain.export.parts import part_module
 from toolchain.export.prepare import ExportQuantLayer, export_module, store_float_weights_fp16, with_float16_weights
-from toolchain.export.qdq.graph import finalize, merge_requantizations, move_group, save_checked
+from toolchain.export.qdq.graph import finalize, merge_requantizations, move_group, save_checked, trace
 from toolchain.export.qdq.runtime import FUSED_OPS, ort_fused_nodes, ort_session
 from toolchain.errors import ExportError
 
@@ -102,11 +101,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, options: ExportOptions 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript tracer's warnings (shape asserts, constant folding) bury the progress line
-            torch.onnx.export(wrapped, inputs, str(raw), dynamo=False, opset_version=options.opset, input_names=in_names,
-                              output_names=out_names, dynamic_axes=axes or None, do_constant_folding=True)
-        proto = onnx.load(str(raw), load_external_data=True)
+        proto = trace(wrapped, inputs, raw, options.opset, in_names, out_names, axes)
         report = finalize(proto, desc.layers)
         if fused_format:
             ort_report["requantizations_merged"] = merge_requantizations(proto)

@@ -96,7 +96,7 @@ def convert_signatures(module: nn.Module) -> bytes:
     examples = stage_example_inputs(module)
     conv = litert_torch.Converter()
     for name, (part, ins, out) in signatures_of(module).items():
-        conv.signature(name, NamedSignature(module, part, ins, out), sample_kwargs={n: examples[n] for n in ins})
+        conv.signature(name, NamedSignature(module, part, ins, out).eval(), sample_kwargs={n: examples[n] for n in ins})
     with tempfile.TemporaryDirectory() as tmp:
         conv.convert().export(str(Path(tmp) / "pipeline.tflite"))
         return (Path(tmp) / "pipeline.tflite").read_bytes()

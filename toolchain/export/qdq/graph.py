@@ -82,6 +82,27 @@ def _uint16_containers(proto: onnx.ModelProto) -> int:
     return count
 
 
+def trace(module: Any, inputs: tuple[Any, ...], f: str | os.PathLike | Any, opset: int, input_names: list[str],
+          output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None = None) -> onnx.ModelProto:
+    """The TorchScript-traced ONNX graph of ``module`` on ``inputs`` (torch tensors), written to ``f`` (a path or a
+    binary buffer) and returned loaded (external data read in). Constant folding on, the tracer's warnings silenced
+    (shape asserts and folding notes bury the progress line). The one export call of both the whole-part export
+    (toolchain/export/onnx_backend.py) and the per-layer models of toolchain/export/qdq/layer_parity.py; the graph
+    still needs ``finalize``."""
+    import io
+    import warnings
+
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, f if isinstance(f, io.IOBase) else str(f), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+    if isinstance(f, io.BytesIO):
+        return onnx.load_from_string(f.getvalue())
+    return onnx.load(str(f), load_external_data=True)
+
+
 def finalize(proto: onnx.ModelProto, layers: dict[str, LayerSpec]) -> dict[str, Any]:
     """Turn the traced graph into the exported one, in place: Hadamard local functions attached,
     16-bit activation containers retyped to UINT16, ≤ 4-bit weights packed as INT4 initializers.

@@ -21,9 +21,7 @@ def layer_models(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str =
                  ) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
     """Every exported quantized layer as its own ONNX model, with the input PyTorch gave it in a
     forward of ``part`` on ``inputs`` and the output PyTorch computed: layer → (model bytes, x, y)."""
-    import onnx
-
-    from toolchain.export.qdq.graph import finalize
+    from toolchain.export.qdq.graph import finalize, trace
 
     desc = export_module(model)
     module = desc.module
@@ -37,9 +35,7 @@ def layer_models(model: nn.Module, inputs: tuple[torch.Tensor, ...], part: str =
         h.remove()
     out: dict[str, tuple[bytes, np.ndarray, np.ndarray]] = {}
     for name, (x, y) in captured.items():
-        buf = io.BytesIO()
-        torch.onnx.export(module.get_submodule(name), (x,), buf, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"])
-        proto = onnx.load_from_string(buf.getvalue())
+        proto = trace(module.get_submodule(name), (x,), io.BytesIO(), opset, ["x"], ["y"])
         finalize(proto, {"": desc.layers[name]})  # the same INT4 / UINT16 / function steps as the whole-model export
         out[name] = (proto.SerializeToString(), x.numpy(), y.numpy())
     return out
