@@ -202,14 +202,16 @@ def write_summary(a: argparse.Namespace, rows: dict, timing: dict, ratios: dict,
         "definitions": {
             "tflite_pipeline_int_over_fp32": "one-file TFLite pipeline (LQ image → restored image, `restore` signature), W4A4 MinMax "
                                              "in int8 weight containers / float32, median latency, LiteRT XNNPACK (tflite_latency.py rows)",
-            "ort_unet_qdq_over_fp32": f"UNet, {primary.replace('_', ' --qdq-format ')} / FP32 ONNX, default ORT CPU session, median "
-                                      f"over {a.rounds} interleaved rounds of {a.runs} runs",
+            "ort_unet_qdq_over_fp32": f"UNet, {primary.replace('_', ' --qdq-format ')} / FP32 ONNX, default ORT CPU session; each file's "
+                                      f"median of {a.runs} runs per round, then the upper median over {a.rounds} interleaved rounds "
+                                      "(with 2 rounds: the slower one); every variant in ort_ratios",
             "ort_vae_decoder_qdq_over_fp32": "VAE decoder, same variant and timing as the UNet key",
             "tflite_w8a8_psnr_vs_fake_quant": "one-file TFLite pipeline W8A8 vs the PyTorch fake-quant model, dB on [0,1] images",
             "ort_w8a8_psnr_vs_fake_quant": f"whole-pipeline ONNX ({primary.replace('_', ' --qdq-format ')}) in a default ORT session "
                                            "vs the PyTorch fake-quant model, dB on [0,1] images",
         },
         "sources": {**old.get("sources", {}), "tflite_pipeline": str(tfl_path) if tfl else None},
+        "not_measured": old.get("not_measured"),  # hand-written reasons for null keys, kept across reruns
         "command": command_line(), "environment": environment(), "preset": a.preset, "threads": a.threads,
         "ort_rows": rows, "ort_timing_medians_ms": timing, "ort_ratios": ratios,
     }
