@@ -34,23 +34,41 @@ def brute_force(errors, costs, budget):
     return best
 
 
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
 @pytest.mark.parametrize("seed", range(6))
-def test_mip_matches_brute_force_and_respects_constraints(seed):
+def test_mip_matches_brute_force_and_respects_constraints(seed, solver):
     errors, costs = random_instance(seed)
     budget = sum(4 * c[1 if False else 3] / 3 for c in costs.values())  # the uniform-A4 cost
-    alloc = solve(errors, costs, budget)
+    alloc = solve(errors, costs, budget, solver=solver)
+    assert alloc.solver == solver
     assert set(alloc.bits) == set(errors)  # exactly one choice per layer
     assert all(alloc.bits[n] in errors[n] for n in errors)
     assert alloc.cost <= budget + 1e-6
     assert alloc.objective == pytest.approx(brute_force(errors, costs, budget), rel=1e-9)
 
 
-def test_infeasible_budget_names_the_minimum():
+@pytest.mark.parametrize("solver", ["cbc", "highs"])
+def test_infeasible_budget_names_the_minimum(solver):
     errors, costs = random_instance(1)
     floor = min_feasible_budget(costs)
     with pytest.raises(InfeasibleBudgetError, match=f"{floor:.6g}"):
-        solve(errors, costs, floor * 0.9)
-    assert solve(errors, costs, floor).cost == pytest.approx(floor)  # exactly at the floor: all layers at 3 bits
+        solve(errors, costs, floor * 0.9, solver=solver)
+    assert solve(errors, costs, floor, solver=solver).cost == pytest.approx(floor)  # exactly at the floor: all layers at 3 bits
+
+
+def test_auto_solver_falls_back_to_highs_without_cbc(monkeypatch):
+    """Where CBC's binaries cannot be loaded (the GPU hosts), "auto" solves with HiGHS to the same optimum."""
+    import toolchain.alloc.solver as solver_mod
+
+    errors, costs = random_instance(3, layers=8)
+    budget = sum(4 * c[3] / 3 for c in costs.values())
+    cbc = solve(errors, costs, budget, solver="auto")
+    monkeypatch.setattr(solver_mod, "_cbc_available", lambda: False)
+    highs = solve(errors, costs, budget, solver="auto")
+    assert (cbc.solver, highs.solver) == ("cbc", "highs")
+    assert highs.objective == pytest.approx(cbc.objective, rel=1e-9) and highs.cost <= budget + 1e-6
+    with pytest.raises(ValueError, match="unknown solver"):
+        solve(errors, costs, budget, solver="gurobi")
 
 
 def _table(layers):

@@ -28,9 +28,9 @@ from toolchain.calibration.dataset import CalibrationSet
 from toolchain.eval.accounting import count
 from toolchain.eval.evaluate import load_eval_set, resolve_metrics, restore_set, score
 from toolchain.eval.grid import save_grid
-from toolchain.io.atomic import atomic_write_json, atomic_write_text
+from toolchain.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from toolchain.io.hashing import sha256_file
 from toolchain.io.resume import prepare_workdir
-from toolchain.io.weights import load_tensors, save_tensors
 from toolchain.quant.registry import MethodContext
 from toolchain.models.storage import load_model
 from toolchain.quant.api import quantize_
@@ -115,9 +115,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-").lower()
 
 
-def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: list[torch.Tensor], out: Path, work: Path,
+def _quantize(model_path: Path, keys: dict[str, str], method: str, bits: str, params: dict, calib: "LazyCalibration", out: Path, work: Path,
               device: torch.device, rules: list | None = None, calib_batches: int | None = None) -> dict:
-    fields = [str(model_path), method, bits, params, [r.to_dict() for r in rules or []]] + ([calib_batches] if calib_batches else [])
+    """Quantize once into ``out``; reused while the model file's content, the calibration set's manifest and the
+    run's settings are unchanged (``spec_key.txt``). Keyed on content, not paths: a cache made on another machine
+    (e.g. the GPU host of benchmarks/compare_gpu.py) is found here when the same files are used."""
+    fields = [keys["model"], keys["calib"], method, bits, params, [r.to_dict() for r in rules or []]] + ([calib_batches] if calib_batches else [])
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     stamp = out / "spec_key.txt"
     if (out / "quant_config.json").is_file() and stamp.is_file() and stamp.read_text() == key:
@@ -129,22 +132,48 @@ def _quantize(model_path: Path, method: str, bits: str, params: dict, calib: lis
         from toolchain.quant.config import quantizable_layers
 
         cfg.check_matches([n for n, _ in quantizable_layers(model)])
+    batches = calib.batches(calib_batches)
     workdir = work / f".{out.name}.work"
-    prepare_workdir(workdir, {"spec_key": key, "calibration_batches": len(calib)})  # never resume another spec's state
-    summary = quantize_(model, cfg, MethodContext(calib, workdir=workdir, device=device))
+    prepare_workdir(workdir, {"spec_key": key, "calibration_batches": len(batches)})  # never resume another spec's state
+    summary = quantize_(model, cfg, MethodContext(batches, workdir=workdir, device=device))
     save_quantized(model.cpu(), cfg, out, summary)
     stamp.write_text(key)
     return summary
+
+
+class LazyCalibration:
+    """The calibration set's batches of 4, read only when something must be quantized (a comparison whose every
+    checkpoint is cached, e.g. one made on a GPU host and rescored here, needs no calibration images)."""
+
+    def __init__(self, root: Path, size: int):
+        self.root, self.size, self._batches = Path(root), size, None
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            from toolchain.errors import InputError
+
+            raise InputError(f"{self.root} is not a calibration set (no manifest.json); build one with `toolchain calibrate`")
+        self.key = sha256_file(manifest)
+        self.count = int(json.loads(manifest.read_text()).get("count", 0))
+
+    def batches(self, limit: int | None = None) -> list[torch.Tensor]:
+        if self._batches is None:
+            self._batches = CalibrationSet.open(self.root).batches(self.size, 4)
+        return self._batches[:limit] if limit else self._batches
+
+    def images(self, limit: int | None = None) -> int:
+        return min(self.count, 4 * limit) if limit else self.count
 
 
 def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path, eval_dir: Path, out: Path, work: Path,
                    device: torch.device, batch_size: int = 8, name: str = "compare") -> dict[str, Any]:
     fp = load_model(model_path).to(device)
     size = fp.image_size
-    calib = CalibrationSet.open(calib_dir).batches(size, 4)
+    calib = LazyCalibration(calib_dir, size)
+    keys = {"model": sha256_file(model_path), "calib": calib.key, "eval": sha256_file(Path(eval_dir) / "manifest.json")}
     ev = CalibrationSet.open(eval_dir)
     lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size, getattr(fp.config, "upscale", 1))
-    fp_out = restore_set(fp, lq_batches, device, "FP")
+    fp_out = to_8bit(restore_set(fp, lq_batches, device, "FP"))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     example = torch.zeros(1, 3, size, size, device=device)
     metrics, skipped = metric_plan(int(min(hq.shape[-2:])))
     rows: list[dict[str, Any]] = [
@@ -157,9 +186,8 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
             label = run["label"]
             ck = work / _slug(f"{label}-{bits}")
             t0 = time.perf_counter()
-            run_calib = calib[: run["calib_batches"]] if run.get("calib_batches") else calib  # a per-run compute budget
-            summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device,
-                                calib_batches=run.get("calib_batches"))
+            cb = run.get("calib_batches")  # a per-run compute budget
+            summary = _quantize(model_path, keys, run["method"], bits, run.get("params", {}), calib, ck, work, device, calib_batches=cb)
             bits_label = bits.upper()
             if run.get("mp"):
                 from toolchain.alloc.allocate import SolveSettings, build_table, parse_pin
@@ -167,37 +195,47 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                 from toolchain.alloc.sensitivity import SweepSettings, run_sensitivity
                 from toolchain.alloc.table import table_rules
 
+                from toolchain.alloc.table import load_table
+
                 mp = run["mp"]
                 alloc_dir = work / _slug(f"{label}-{bits}-alloc")
-                sens = run_sensitivity(ck, calib_dir, alloc_dir, SweepSettings(metric=mp.get("metric", "st_lpips"), epsilon=mp.get("epsilon", 0.02),
-                                                                            images=mp.get("images", 4)), mp.get("workers", 1), str(device))
-                errs = error_table(ck, calib_dir, mp.get("bits", [3, 4, 5, 6]), images=mp.get("images", 4), device=str(device))
-                a = int(bits.lower().split("a")[1])
-                table = build_table(sens, errs, SolveSettings(budget_bits=float(a), pins=[parse_pin(p) for p in mp.get("pins", [])]), str(ck), alloc_dir,
-                                    {"metric": next(iter(sens.values()))["metric"], "epsilon": mp.get("epsilon", 0.02)})
+                table_key = hashlib.sha256(json.dumps([(ck / "spec_key.txt").read_text(), mp], sort_keys=True).encode()).hexdigest()[:12]
+                if (alloc_dir / "mp_table.json").is_file() and (alloc_dir / "table_key.txt").is_file() and \
+                        (alloc_dir / "table_key.txt").read_text() == table_key:
+                    table = load_table(alloc_dir / "mp_table.json")  # the allocation of this checkpoint and these settings
+                else:
+                    sens = run_sensitivity(ck, calib_dir, alloc_dir, SweepSettings(metric=mp.get("metric", "st_lpips"), epsilon=mp.get("epsilon", 0.02),
+                                                                                images=mp.get("images", 4)), mp.get("workers", 1), str(device))
+                    errs = error_table(ck, calib_dir, mp.get("bits", [3, 4, 5, 6]), images=mp.get("images", 4), device=str(device))
+                    a = int(bits.lower().split("a")[1])
+                    table = build_table(sens, errs, SolveSettings(budget_bits=float(a), pins=[parse_pin(p) for p in mp.get("pins", [])]), str(ck),
+                                        alloc_dir, {"metric": next(iter(sens.values()))["metric"], "epsilon": mp.get("epsilon", 0.02)})
+                    atomic_write_text(alloc_dir / "table_key.txt", table_key)
                 ck = work / _slug(f"{label}-{bits}-mp")
-                summary = _quantize(model_path, run["method"], bits, run.get("params", {}), run_calib, ck, work, device, table_rules(table),
-                                    calib_batches=run.get("calib_batches"))
+                summary = _quantize(model_path, keys, run["method"], bits, run.get("params", {}), calib, ck, work, device, table_rules(table),
+                                    calib_batches=cb)
                 bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
-            cached = _cached_eval(ck, model_path, eval_dir, metrics)
+            cached = _cached_eval(ck, keys)
             if cached is not None:
                 row, out_imgs = cached
+                if _rescore(row, out_imgs, hq, fp_out, metrics):  # metrics this machine can add (e.g. dlib's, to a GPU-made row)
+                    _store_eval(ck, keys, row, None)
             else:
                 model, _ = load_quantized(ck, device)
-                out_imgs = restore_set(model, lq_batches, device, f"{label} {bits}")
+                out_imgs = to_8bit(restore_set(model, lq_batches, device, f"{label} {bits}"))
                 vs_hq = score_vs(out_imgs, hq, metrics)
                 row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
-                       "calibration_images": sum(int(b.shape[0]) for b in run_calib),
+                       "calibration_images": calib.images(cb),
                        "vs_hq": vs_hq, "vs_fp": score_vs(out_imgs, fp_out, metrics, copy_from=vs_hq),
                        "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
+                       "device": where,
                        "summary": {k: v for k, v in summary.items() if k in ("quantized_layers", "balance", "lowrank", "seconds", "trq")}}
-                _store_eval(ck, model_path, eval_dir, metrics, row, out_imgs)
+                _store_eval(ck, keys, row, out_imgs)
             rows.append(row)
             grids.setdefault(bits, {"LQ": lq, "FP": fp_out})[label] = out_imgs
-            face = "".join(f"  {short} {row['vs_hq'][m]:{f}}" for m, short, f in (("identity_deg", "ID°", ".1f"), ("lmd", "LMD", ".2f"),
-                                                                                ("niqe", "NIQE", ".2f")) if m in row["vs_hq"])
-            print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}  ST-LPIPS {row['vs_hq']['st_lpips']:.4f}{face}  "
-                  f"| vs FP PSNR {row['vs_fp']['psnr']:.2f}", flush=True)
+            shown = (("st_lpips", "ST-LPIPS", ".4f"), ("identity_deg", "ID°", ".1f"), ("lmd", "LMD", ".2f"), ("niqe", "NIQE", ".2f"))
+            extra = "".join(f"  {short} {row['vs_hq'][m]:{f}}" for m, short, f in shown if m in row["vs_hq"])
+            print(f"{label:>28} {bits_label:>9}: PSNR {row['vs_hq']['psnr']:.2f}{extra}  | vs FP PSNR {row['vs_fp']['psnr']:.2f}", flush=True)
             _write(rows, out, name, model_path, calib_dir, eval_dir, metrics, skipped)
     for bits, cols in grids.items():
         cols["HQ"] = hq
@@ -205,25 +243,64 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
     return _write(rows, out, name, model_path, calib_dir, eval_dir, metrics, skipped)
 
 
-def _eval_key(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str]) -> str:
-    """Evaluation of one checkpoint on one eval set: tied to the checkpoint's spec key and the metrics."""
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Round images in [0, 1] to the 8-bit grid a saved PNG holds. Every row is scored on these, so scores made
+    at restoration time and scores added later from the stored PNGs are of the same images."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+def _eval_key(ck: Path, keys: dict[str, str]) -> str:
+    """Restored images of one checkpoint on one eval set: the checkpoint's spec key and the set's manifest hash."""
     spec_key = (ck / "spec_key.txt").read_text() if (ck / "spec_key.txt").is_file() else ""
-    return hashlib.sha256(json.dumps([spec_key, str(model_path), str(Path(eval_dir).resolve()), metrics]).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([spec_key, keys["eval"]]).encode()).hexdigest()[:12]
 
 
-def _cached_eval(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str]) -> tuple[dict[str, Any], torch.Tensor] | None:
-    """A rerun reuses each checkpoint's scores and restored images, so one command rebuilds the whole table cheaply."""
-    key = _eval_key(ck, model_path, eval_dir, metrics)
-    row_path, img_path = ck / f"eval-{key}.json", ck / f"eval-{key}.safetensors"
-    if not (row_path.is_file() and img_path.is_file()):
+def _cached_eval(ck: Path, keys: dict[str, str]) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """A rerun reuses each checkpoint's scores and restored images (8-bit PNGs), so one command rebuilds the whole
+    table cheaply, and the table can be rebuilt where the checkpoint's weights are not (only the PNGs and the row)."""
+    import numpy as np
+    from PIL import Image
+
+    key = _eval_key(ck, keys)
+    row_path, img_dir = ck / f"eval-{key}.json", ck / f"eval-{key}"
+    if not (row_path.is_file() and img_dir.is_dir()):
         return None
-    return json.loads(row_path.read_text()), load_tensors(img_path)["images"].float()
+    files = sorted(img_dir.glob("*.png"))
+    if not files:
+        return None
+    imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    return json.loads(row_path.read_text()), torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
 
 
-def _store_eval(ck: Path, model_path: Path, eval_dir: Path, metrics: list[str], row: dict[str, Any], images: torch.Tensor) -> None:
-    key = _eval_key(ck, model_path, eval_dir, metrics)
-    save_tensors(ck / f"eval-{key}.safetensors", {"images": images.detach().cpu().to(torch.float16).contiguous()})
+def _store_eval(ck: Path, keys: dict[str, str], row: dict[str, Any], images: torch.Tensor | None) -> None:
+    """Write the row (and, when given, the restored images as 8-bit PNGs, atomically as one folder)."""
+    from PIL import Image
+
+    key = _eval_key(ck, keys)
+    if images is not None:
+        with atomic_directory(ck / f"eval-{key}") as tmp:
+            arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for i, a in enumerate(arr):
+                Image.fromarray(a).save(tmp / f"{i:05d}.png")
     atomic_write_json(ck / f"eval-{key}.json", row)
+
+
+def _rescore(row: dict[str, Any], out_imgs: torch.Tensor, hq: torch.Tensor, fp_out: torch.Tensor, metrics: list[str]) -> bool:
+    """Add to a cached row the metrics of this comparison's plan it lacks (computed from its stored images).
+    Returns True when something was added."""
+    changed = False
+    for side, ref in (("vs_hq", hq), ("vs_fp", fp_out)):
+        scores = row.setdefault(side, {})
+        todo = [m for m in metrics if m not in scores and m not in scores.get("missing", {})]
+        if not todo:
+            continue
+        new = score_vs(out_imgs, ref, todo, copy_from=row["vs_hq"] if side == "vs_fp" else None)
+        missing = {**scores.get("missing", {}), **new.pop("missing", {})}
+        scores.update(new)
+        if missing:
+            scores["missing"] = missing
+        changed = True
+    return changed
 
 
 def _bits_rank(row: dict[str, Any]) -> tuple[float, float]:
@@ -277,7 +354,7 @@ def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, c
            "metric_notes": {m: METRIC_NOTES[m] for m in metrics + list(skipped) if m in METRIC_NOTES}, "rows": rows}
     atomic_write_json(out / f"{name}.json", doc)
     head = ["Bits", "Method"] + [h + _arrow(k) for k, h, _ in HQ_COLUMNS] + [h + _arrow(k) for k, h, _ in FP_COLUMNS] + [
-        "Params (M, paper conv.)", "Ops (G, paper conv.)", "Size (MB, honest)"]
+        "Params (M, paper conv.)", "Ops (G, paper conv.)", "Size (MB, honest)", "Time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: dict[str, int] = {}
     for r in sorted(rows, key=_bits_rank):  # grouped by bit setting as in the paper's Table 1; stable within a group
@@ -286,11 +363,22 @@ def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, c
         cells += [_cell(r["vs_hq"], k, f, skipped, notes) for k, _, f in HQ_COLUMNS]
         cells += [_cell(r.get("vs_fp"), k, f, skipped, notes) for k, _, f in FP_COLUMNS]
         cells += ([f"{acc['paper']['params_M']:.2f}", f"{acc['paper']['ops_G']:.2f}", f"{acc['honest']['size_MB']:.2f}"] if acc else ["–"] * 3)
+        cells.append(f"{r['seconds']:.0f}" if r.get("seconds") is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "↓ lower is better, ↑ higher is better. ID°: angle between dlib 128-D face embeddings (not ArcFace: not comparable "
               "with the paper's Deg.); LMD: mean distance of dlib's 68 landmarks in pixels at the images' resolution; NIQE: "
               "no-reference, of the output alone (below 192 px a single patch: not comparable with published NIQE). "
               "\"(k/N faces)\": dlib's detector found a face in only k of the N reference images; the others were measured in the whole crop."]
+    budgets: dict[str, str] = {}
+    for r in rows:
+        if "method" in r and r["label"] not in budgets:
+            params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()) or "method defaults"
+            budgets[r["label"]] = f"{r['method']}: {params}; {r.get('calibration_images', '?')} calibration images"
+    devices = sorted({str(r["device"]) for r in rows if r.get("device")})
+    lines += ["", "Budgets (settings as run; everything else at the method's defaults, `toolchain methods`): "
+              + "; ".join(f"**{label}** {b}" for label, b in budgets.items()) + "."]
+    if devices:
+        lines += ["", "Time (s): quantization + restoring the evaluation set, wall clock, on " + ", ".join(devices) + "."]
     if notes:
         lines += [""] + [f"n/a [{k}]: {why}" for why, k in notes.items()]
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")

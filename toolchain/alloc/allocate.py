@@ -78,12 +78,17 @@ def build_table(sensitivity: dict[str, Any], errors: dict[str, Any], settings: S
         "w_bits": w_bits.pop() if len(w_bits) == 1 else None, "cost_model": settings.cost_model,
         "budget": budget, "cost": sum(r["cost"] for r in rows), "average_a_bits": average_bits(rows), "candidate_bits": bits,
         "sensitivity": sens_meta or {},
-        "solver": {"name": "python-mip CBC", "status": alloc.status, "seconds": round(alloc.seconds, 4), "objective": alloc.objective},
+        "solver": {"name": {"cbc": "python-mip CBC", "highs": "HiGHS (scipy.optimize.milp)"}[alloc.solver], "status": alloc.status, "seconds": round(alloc.seconds, 4), "objective": alloc.objective},
         "layers": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
     save_table(table, out / "mp_table.json")
     atomic_write_json(out / "recipe_rules.json", recipe_rules(table))  # the same result as recipe rules
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # a bare host (the GPU machines of benchmarks/device): the table is the result, the plots a view of it
+        print(f"note: matplotlib is not installed; {out / 'sensitivity.png'} and {out / 'bits.png'} not drawn", flush=True)
+        return table
     if all("sensitivity_bits" in r for r in rows):
         plot_sensitivity(rows, out / "sensitivity.png", (sens_meta or {}).get("epsilon", 0.0), (sens_meta or {}).get("metric", "?"))
     plot_bits(rows, out / "bits.png", f"chosen activation bits (average A{table['average_a_bits']:.2f}, budget {settings.budget_bits or budget})")
