@@ -16,6 +16,7 @@ finds every entry cached and adds the metrics this machine can score (dlib's ``i
     python benchmarks/compare_gpu.py pack --work W --calib C --eval E --to /tmp/pack/NAME
     python benchmarks/compare_gpu.py collect --from /tmp/pack --out $OUT --max-parts 4
     python benchmarks/compare_gpu.py unpack --parts DIR --name NAME --to benchmarks/.cache/gpu
+    python benchmarks/compare_gpu.py table --spec S --model M --home benchmarks/.cache/gpu/NAME --out benchmarks/results/NAME --name NAME
 """
 
 from __future__ import annotations
@@ -154,6 +155,42 @@ def unpack(a: argparse.Namespace) -> None:
     print("unpacked into", dest)
 
 
+def table(a: argparse.Namespace) -> None:
+    """The comparison table at home: the finished entries of --spec from the unpacked cache (scored again only for
+    the metrics the GPU host could not run), and the entries that did not finish, with their state, below it."""
+    home = Path(a.home)
+    spec = json.loads(Path(a.spec).read_text())
+    states: dict[str, dict] = {}
+    for f in sorted((home / "work").glob("status*.json")):  # later runs (resumed entries) override earlier states
+        for slug, st in json.loads(f.read_text())["jobs"].items():
+            if st["state"] != "not started (deadline)" or slug not in states:
+                states[slug] = st
+    done, missing = [], []
+    for job in expand(spec, a.bits_order.split(",")):
+        entry, bits = job["entry"], job["entry"]["bits"][0]
+        ck = home / "work" / (_slug(f"{entry['label']}-{bits}") + ("-mp" if entry.get("mp") else ""))
+        if any(ck.glob("eval-*.json")):
+            done.append(entry)
+        else:
+            st = states.get(job["slug"], {"state": "not run"})
+            missing.append(f"{entry['label']} {bits.upper()}: {st['state']}" + (f" after {st['seconds']:.0f} s" if st.get("seconds") else ""))
+    merged: dict[str, dict] = {}
+    for e in done:
+        merged.setdefault(e["label"], {**e, "bits": []})["bits"] += e["bits"]
+    (home / "finished_spec.json").write_text(json.dumps(list(merged.values()), indent=1))
+    from toolchain.cli import main as cli
+
+    rc = cli(["compare", "--spec", str(home / "finished_spec.json"), "--model", a.model, "--calib", str(home / "calib"),
+              "--eval", str(home / "eval"), "--work", str(home / "work"), "--out", a.out, "--name", a.name, "--device", "cpu"])
+    if rc:
+        raise SystemExit(rc)
+    md = Path(a.out) / f"{a.name}.md"
+    if missing:
+        md.write_text(md.read_text() + "\nNot in the table — did not finish within the GPU lease (jobs shared the GPUs; see status*.json): "
+                      + "; ".join(missing) + ".\n")
+    print(f"{len(done)} entries in the table, {len(missing)} unfinished")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -176,8 +213,12 @@ def main() -> None:
     u = sub.add_parser("unpack")
     for key in ("parts", "name", "to"):
         u.add_argument(f"--{key}", required=True)
+    t = sub.add_parser("table")
+    for key in ("spec", "model", "home", "out", "name"):
+        t.add_argument(f"--{key}", required=True)
+    t.add_argument("--bits-order", default="w4a4,w6a6,w4a6,w8a8")
     a = p.parse_args()
-    {"run": run_jobs, "pack": pack, "collect": collect, "unpack": unpack}[a.cmd](a)
+    {"run": run_jobs, "pack": pack, "collect": collect, "unpack": unpack, "table": table}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ def test_an_interrupted_run_resumes_to_the_same_stop_and_best(tmp_path):
     assert trainer3.step == 12
 
 
+def test_a_wall_clock_stop_between_validations_scores_the_last_weights(tmp_path):
+    """Stopped by max_seconds at a step that is no multiple of eval_every, the run still scores the weights it
+    ends with, so they are kept when they are the best (not the weights of the last scheduled validation)."""
+    seen = []
+    trainer, w = _problem(tmp_path, "t", seen)
+    trainer.cfg.max_seconds = 0.0  # out of time after the first step; eval_every is 2
+    trainer.run()
+    assert trainer.step == 1 and [s for s, _ in seen] == [1]
+    assert trainer.restore_best() == 1
+
+
 def test_eval_every_without_a_validate_function_is_refused(tmp_path):
     w = torch.nn.Parameter(torch.zeros(()))
     with pytest.raises(ConfigError, match="validate"):

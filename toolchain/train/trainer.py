@@ -321,7 +321,9 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             bar.update(1)
             out_of_time = stop if stop is not None else (self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
-            scored = bool(self.cfg.eval_every) and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps)
+            # also when the wall clock stops the run between two validations: its last weights may be the best
+            # (a ref-l run stopped at step 1997 of 2000 kept step 1600's weights before this)
+            scored = bool(self.cfg.eval_every) and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps or out_of_time)
             plateau = scored and self._plateaued()
             self.stopped_early = plateau  # (saved below: a rerun of a plateaued workdir trains no further)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or out_of_time or scored:
