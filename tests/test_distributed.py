@@ -401,3 +401,21 @@ def test_a_bug_in_the_ranks_exits_1_with_one_traceback(tiny_model_path, calib_di
     assert run.returncode == 1, run.stderr[-2000:]
     assert run.stderr.count("Traceback") == 1 and "rank 0 crashed" in run.stderr and "simulated bug in rank 0" in run.stderr, run.stderr
     assert "error:" not in run.stderr and "interrupted:" not in run.stderr
+
+
+def test_split_samples_round_trip_keeps_shared_leaves_whole():
+    """split_samples cuts only tensors laid out by sample (first dim = batch) and rebuilds the same structure;
+    to_device/to_cpu map every tensor leaf and leave the containers' shape and the other leaves alone."""
+    from toolchain.quant.units import split_samples, to_cpu, to_device
+
+    x, temb, prompt = torch.randn(4, 3, 8, 8), torch.randn(4, 16), torch.randn(1, 7, 32)
+    obj = ((x, None, 399), {"temb": temb, "prompt": prompt, "scales": [1.0, torch.tensor(2.0)]})
+    rows, rebuild = split_samples(obj, 4)
+    assert [r.data_ptr() for r in rows] == [x.data_ptr(), temb.data_ptr()]  # per-sample tensors only, in order
+    half = rebuild([r[:2] for r in rows])
+    assert torch.equal(half[0][0], x[:2]) and half[0][1:] == (None, 399) and torch.equal(half[1]["temb"], temb[:2])
+    assert half[1]["prompt"] is prompt and half[1]["scales"][0] == 1.0  # shared leaves whole, by identity
+    with pytest.raises(ValueError, match="expected 2 per-sample tensors"):
+        rebuild([x])
+    moved = to_cpu(to_device(obj, torch.device("cpu")))
+    assert type(moved[0]) is tuple and type(moved[1]["scales"]) is list and torch.equal(moved[1]["prompt"], prompt)

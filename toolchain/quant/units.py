@@ -96,28 +96,26 @@ def capture_inputs(model: nn.Module, path: str) -> Iterator[list[tuple[tuple, di
         handle.remove()
 
 
-def to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+def map_leaves(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with every leaf replaced by ``fn(leaf)``, through nested tuples, lists and dicts (the
+    (args, kwargs) structures captured from a block's forward). Containers are rebuilt, never mutated."""
     if isinstance(obj, tuple):
-        return tuple(to_cpu(o) for o in obj)
+        return tuple(map_leaves(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [to_cpu(o) for o in obj]
+        return [map_leaves(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    return obj
+        return {k: map_leaves(v, fn) for k, v in obj.items()}
+    return fn(obj)
+
+
+def to_cpu(obj: Any) -> Any:
+    """Every tensor in a nested structure detached and moved to the CPU; other leaves unchanged."""
+    return map_leaves(obj, lambda o: o.detach().cpu() if isinstance(o, torch.Tensor) else o)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    """Every tensor in a nested structure moved to ``device``; other leaves unchanged."""
+    return map_leaves(obj, lambda o: o.to(device) if isinstance(o, torch.Tensor) else o)
 
 
 class _Row:
@@ -140,37 +138,17 @@ def split_samples(obj: Any, n: int) -> tuple[tuple[torch.Tensor, ...], Callable[
     rows: list[torch.Tensor] = []
 
     def cut(o: Any) -> Any:
-        if isinstance(o, torch.Tensor):
-            if o.dim() > 0 and o.shape[0] == n:
-                rows.append(o)
-                return _Row(len(rows) - 1)
-            return o
-        if isinstance(o, tuple):
-            return tuple(cut(x) for x in o)
-        if isinstance(o, list):
-            return [cut(x) for x in o]
-        if isinstance(o, dict):
-            return {k: cut(v) for k, v in o.items()}
+        if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == n:
+            rows.append(o)
+            return _Row(len(rows) - 1)
         return o
 
-    template = cut(obj)
+    template = map_leaves(obj, cut)
 
     def rebuild(parts: Sequence[torch.Tensor]) -> Any:
         if len(parts) != len(rows):
             raise ValueError(f"expected {len(rows)} per-sample tensors, got {len(parts)}")
-
-        def put(o: Any) -> Any:
-            if isinstance(o, _Row):
-                return parts[o.index]
-            if isinstance(o, tuple):
-                return tuple(put(x) for x in o)
-            if isinstance(o, list):
-                return [put(x) for x in o]
-            if isinstance(o, dict):
-                return {k: put(v) for k, v in o.items()}
-            return o
-
-        return put(template)
+        return map_leaves(template, lambda o: parts[o.index] if isinstance(o, _Row) else o)
 
     return tuple(rows), rebuild
 
