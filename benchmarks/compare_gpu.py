@@ -63,7 +63,8 @@ def run_jobs(a: argparse.Namespace) -> None:
     queue = list(jobs)
 
     def save() -> None:
-        doc = {"spec": a.spec, "model": a.model, "elapsed_s": round(time.time() - t0, 1), "jobs": status}
+        doc = {"spec": a.spec, "model": a.model, "gpus": a.gpus, "jobs_per_gpu": a.jobs_per_gpu, "start_by_s": a.start_by,
+               "kill_at_s": a.kill_at, "elapsed_s": round(time.time() - t0, 1), "jobs": status}
         tmp = Path(a.status).with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(a.status)
@@ -81,7 +82,7 @@ def run_jobs(a: argparse.Namespace) -> None:
                 status[slug].update(state="killed at the deadline", seconds=round(time.time() - started, 1))
                 slots.append(gpu)
                 del running[slug]
-        while queue and slots and now <= a.start_by:
+        while queue and slots and now <= min(a.start_by, a.kill_at):
             job = queue.pop(0)
             gpu = slots.pop(0)
             jdir = work / "jobs" / job["slug"]
@@ -93,7 +94,7 @@ def run_jobs(a: argparse.Namespace) -> None:
             log = open(jdir / "log.txt", "w")
             running[job["slug"]] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), gpu, time.time())
             status[job["slug"]].update(state="running", gpu=gpu, started_s=round(now, 1))
-        if queue and now > a.start_by:
+        if queue and now > min(a.start_by, a.kill_at):
             for job in queue:
                 status[job["slug"]]["state"] = "not started (deadline)"
             queue = []
@@ -161,7 +162,7 @@ def table(a: argparse.Namespace) -> None:
     home = Path(a.home)
     spec = json.loads(Path(a.spec).read_text())
     states: dict[str, dict] = {}
-    for f in sorted((home / "work").glob("status*.json")):  # later runs (resumed entries) override earlier states
+    for f in sorted((home / "work").glob("status*.json"), key=lambda f: f.stat().st_mtime):  # later runs override earlier states
         for slug, st in json.loads(f.read_text())["jobs"].items():
             if st["state"] != "not started (deadline)" or slug not in states:
                 states[slug] = st
@@ -185,6 +186,8 @@ def table(a: argparse.Namespace) -> None:
     if rc:
         raise SystemExit(rc)
     md = Path(a.out) / f"{a.name}.md"
+    if a.note:
+        md.write_text(md.read_text() + "\n" + a.note + "\n")
     if missing:
         md.write_text(md.read_text() + "\nNot in the table — did not finish within the GPU lease (jobs shared the GPUs; see status*.json): "
                       + "; ".join(missing) + ".\n")
@@ -217,6 +220,7 @@ def main() -> None:
     for key in ("spec", "model", "home", "out", "name"):
         t.add_argument(f"--{key}", required=True)
     t.add_argument("--bits-order", default="w4a4,w6a6,w4a6,w8a8")
+    t.add_argument("--note", default="", help="a line added under the table (e.g. how many jobs shared each GPU)")
     a = p.parse_args()
     {"run": run_jobs, "pack": pack, "collect": collect, "unpack": unpack, "table": table}[a.cmd](a)
 

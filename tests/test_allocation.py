@@ -67,6 +67,8 @@ def test_auto_solver_falls_back_to_highs_without_cbc(monkeypatch):
     highs = solve(errors, costs, budget, solver="auto")
     assert (cbc.solver, highs.solver) == ("cbc", "highs")
     assert highs.objective == pytest.approx(cbc.objective, rel=1e-9) and highs.cost <= budget + 1e-6
+    with pytest.raises(ValueError, match="use solver 'highs'"):
+        solve(errors, costs, budget, solver="cbc")  # asked for by name where it cannot load
     with pytest.raises(ValueError, match="unknown solver"):
         solve(errors, costs, budget, solver="gurobi")
 

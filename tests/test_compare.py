@@ -205,7 +205,7 @@ def test_cache_made_elsewhere_is_rescored_without_weights_or_calibration_images(
     assert row["vs_hq"]["psnr"] == first["vs_hq"]["psnr"]  # kept, not recomputed
     ck = work / "minmax-w6a6"
     keys = {"eval": compare_module.sha256_file(calib_dir / "manifest.json")}
-    _, images = _cached_eval(ck, keys)
+    _, images = _cached_eval(ck, keys, 8)
     from toolchain.calibration.dataset import CalibrationSet
 
     hq = (torch.cat(CalibrationSet.open(calib_dir).batches(images.shape[-1], 8, which="hq")) + 1) / 2
@@ -213,3 +213,30 @@ def test_cache_made_elsewhere_is_rescored_without_weights_or_calibration_images(
     assert row["vs_hq"]["ssim"] == pytest.approx(direct["ssim"], abs=1e-7)
     assert row["vs_hq"]["st_lpips"] == pytest.approx(direct["st_lpips"], abs=1e-6)
     assert "ssim" in row["vs_fp"] and "st_lpips" in row["vs_fp"]
+
+
+def test_damaged_cached_outputs_are_restored_again_or_named(tiny_model_path, calib_dir, tmp_path, capsys):
+    """A cached entry with an unreadable row or a PNG missing counts as not cached: it is restored again from the
+    checkpoint (same scores); without the checkpoint's weights the run stops with one error naming the folder."""
+    spec = [{"label": "MinMax", "method": "minmax", "bits": ["w8a8"]}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    work = tmp_path / "work"
+    args = ["compare", "--spec", str(tmp_path / "spec.json"), "--model", str(tiny_model_path), "--calib", str(calib_dir),
+            "--eval", str(calib_dir), "--out", str(tmp_path / "out"), "--work", str(work), "--name", "cmp", "--device", "cpu"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "out" / "cmp.json").read_text())["rows"][-1]
+    ck = work / "minmax-w8a8"
+    row_file = next(ck.glob("eval-*.json"))
+    row_file.write_text(row_file.read_text()[:40])  # truncated row
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "cmp.json").read_text())["rows"][-1]["vs_hq"]["psnr"] == first["vs_hq"]["psnr"]
+    next(next(ck.glob("eval-*/")).glob("*.png")).unlink()  # one output image lost
+    (ck / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(args) != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # (tqdm bars aside)
+    assert len(err) == 1 and err[0].startswith("error:") and f"delete {ck}" in err[0]
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main(args[:2] + [str(empty)] + args[3:]) != 0
+    assert "not an empty list" in capsys.readouterr().err

@@ -89,9 +89,9 @@ def validate_spec(spec: Any, where: str = "comparison spec") -> list[dict[str, A
     from toolchain.quant.config import parse_bits
 
     if not isinstance(spec, list) or not spec:
-        kind = "null" if spec is None else type(spec).__name__
+        kind = "an empty list" if spec == [] else "null" if spec is None else f"a {type(spec).__name__}"
         raise ConfigError(f"{where} must be a non-empty JSON list of runs like "
-                          f'[{{"label": "MinMax", "method": "minmax", "bits": ["w4a4"]}}], not a {kind}')
+                          f'[{{"label": "MinMax", "method": "minmax", "bits": ["w4a4"]}}], not {kind}')
     for i, run in enumerate(spec):
         if not isinstance(run, dict):
             raise ConfigError(f"{where}: entry {i} must be an object, not {type(run).__name__}")
@@ -168,6 +168,11 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                    device: torch.device, batch_size: int = 8, name: str = "compare") -> dict[str, Any]:
     fp = load_model(model_path).to(device)
     size = fp.image_size
+    for what, folder in (("--eval", eval_dir), ("--calib", calib_dir)):
+        if not Path(folder).is_dir():
+            from toolchain.errors import InputError
+
+            raise InputError(f"{what} folder {folder} does not exist; build one with `toolchain calibrate`")
     calib = LazyCalibration(calib_dir, size)
     keys = {"model": sha256_file(model_path), "calib": calib.key, "eval": sha256_file(Path(eval_dir) / "manifest.json")}
     ev = CalibrationSet.open(eval_dir)
@@ -215,16 +220,23 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                 summary = _quantize(model_path, keys, run["method"], bits, run.get("params", {}), calib, ck, work, device, table_rules(table),
                                     calib_batches=cb)
                 bits_label = f"W{bits.lower().split('a')[0][1:]}A{table['average_a_bits']:.2f}"
-            cached = _cached_eval(ck, keys)
+            cached = _cached_eval(ck, keys, len(hq))
             if cached is not None:
+                cached[0]["checkpoint"] = str(ck)  # where it is now (the cache may have moved)
                 row, out_imgs = cached
                 if _rescore(row, out_imgs, hq, fp_out, metrics):  # metrics this machine can add (e.g. dlib's, to a GPU-made row)
                     _store_eval(ck, keys, row, None)
             else:
+                if not (ck / "model.safetensors").is_file():
+                    from toolchain.errors import InputError
+
+                    raise InputError(f"the stored outputs of {ck.name} are missing or damaged and its weights are not in {ck} "
+                                     f"(a cache brought home without weights?); delete {ck} to quantize it again")
                 model, _ = load_quantized(ck, device)
                 out_imgs = to_8bit(restore_set(model, lq_batches, device, f"{label} {bits}"))
                 vs_hq = score_vs(out_imgs, hq, metrics)
-                row = {"label": label, "method": run["method"], "params": run.get("params", {}), "bits": bits_label, "checkpoint": str(ck),
+                row = {"label": label, "method": run["method"], "params": run.get("params", {}), **({"mp": run["mp"]} if run.get("mp") else {}),
+                       "bits": bits_label, "checkpoint": str(ck),
                        "calibration_images": calib.images(cb),
                        "vs_hq": vs_hq, "vs_fp": score_vs(out_imgs, fp_out, metrics, copy_from=vs_hq),
                        "accounting": count(model, example).to_dict(per_layer=False), "seconds": round(time.perf_counter() - t0, 1),
@@ -255,9 +267,11 @@ def _eval_key(ck: Path, keys: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([spec_key, keys["eval"]]).encode()).hexdigest()[:12]
 
 
-def _cached_eval(ck: Path, keys: dict[str, str]) -> tuple[dict[str, Any], torch.Tensor] | None:
+def _cached_eval(ck: Path, keys: dict[str, str], n_images: int) -> tuple[dict[str, Any], torch.Tensor] | None:
     """A rerun reuses each checkpoint's scores and restored images (8-bit PNGs), so one command rebuilds the whole
-    table cheaply, and the table can be rebuilt where the checkpoint's weights are not (only the PNGs and the row)."""
+    table cheaply, and the table can be rebuilt where the checkpoint's weights are not (only the PNGs and the row).
+    A damaged entry (unreadable row, a PNG count other than the evaluation set's ``n_images``, unreadable image)
+    counts as not cached: it is restored again."""
     import numpy as np
     from PIL import Image
 
@@ -266,10 +280,16 @@ def _cached_eval(ck: Path, keys: dict[str, str]) -> tuple[dict[str, Any], torch.
     if not (row_path.is_file() and img_dir.is_dir()):
         return None
     files = sorted(img_dir.glob("*.png"))
-    if not files:
+    if len(files) != n_images:
         return None
-    imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    return json.loads(row_path.read_text()), torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    try:
+        row = json.loads(row_path.read_text())
+        imgs = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    except (OSError, ValueError):  # JSONDecodeError is a ValueError; PIL raises OSError/ValueError on a bad file
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("vs_hq"), dict):
+        return None
+    return row, torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
 
 
 def _store_eval(ck: Path, keys: dict[str, str], row: dict[str, Any], images: torch.Tensor | None) -> None:
@@ -373,12 +393,15 @@ def _write(rows: list[dict[str, Any]], out: Path, name: str, model_path: Path, c
     for r in rows:
         if "method" in r and r["label"] not in budgets:
             params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items()) or "method defaults"
-            budgets[r["label"]] = f"{r['method']}: {params}; {r.get('calibration_images', '?')} calibration images"
+            mp = r.get("mp")
+            mp_text = f"; mixed precision: {', '.join(f'{k}={v}' for k, v in mp.items())}" if mp else ""
+            budgets[r["label"]] = f"{r['method']}: {params}{mp_text}; {r.get('calibration_images', '?')} calibration images"
     devices = sorted({str(r["device"]) for r in rows if r.get("device")})
     lines += ["", "Budgets (settings as run; everything else at the method's defaults, `toolchain methods`): "
               + "; ".join(f"**{label}** {b}" for label, b in budgets.items()) + "."]
     if devices:
-        lines += ["", "Time (s): quantization + restoring the evaluation set, wall clock, on " + ", ".join(devices) + "."]
+        lines += ["", "Time (s): quantization + restoring the evaluation set (mixed-precision rows: with the sensitivity sweep, "
+                  "error table and second quantization), wall clock, on " + ", ".join(devices) + "."]
     if notes:
         lines += [""] + [f"n/a [{k}]: {why}" for why, k in notes.items()]
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")

@@ -62,6 +62,8 @@ def solve(errors: dict[str, dict[int, float]], costs: dict[str, dict[int, float]
                                     f"(every layer at its cheapest allowed bit-width); raise the budget to at least {floor:.6g}")
     if solver == "auto":
         solver = "cbc" if _cbc_available() else "highs"
+    elif solver == "cbc" and not _cbc_available():
+        raise ValueError("solver 'cbc' needs python-mip with its CBC binaries (packages mip, cbcbox); use solver 'highs' or 'auto'")
     scale = max((abs(v) for e in errors.values() for v in e.values()), default=1.0) or 1.0  # keep the solver well conditioned
     keys = [(name, b) for name, options in costs.items() for b in options]
     t0 = time.perf_counter()
