@@ -239,7 +239,7 @@ def retime_interleaved(rows: list[dict], args: argparse.Namespace) -> None:
         m = sorted(medians[id(r)])
         if m:
             r["latency_rounds_median_ms"] = m
-            r["latency_ms"] = {**r["latency_ms"], "median": m[len(m) // 2], "min": m[0], "max": m[-1],
+            r["latency_ms"] = {**(r.get("latency_ms") or {}), "median": m[len(m) // 2], "min": m[0], "max": m[-1],
                                "note": f"median / min / max over {len(m)} interleaved rounds of {args.runs} runs"}
 
 
