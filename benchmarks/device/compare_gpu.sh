@@ -36,6 +36,16 @@ start)
   mkdir -p $G/pack /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry_pk/*.whl
   python3 -c "import zipfile; zipfile.ZipFile('.carry_pk/stlpips_site.zip').extractall('/tmp/site')"
+  # the method registry finds methods through the package's entry points: without an install, a dist-info
+  # holding them (from pyproject.toml) must be on the path, else every compare job fails at once
+  python3 - <<'EOF2' || exit 1
+import os, tomllib
+ep = tomllib.load(open("pyproject.toml", "rb"))["project"]["entry-points"]
+root = "/tmp/site/quantface_toolchain-0.0.0.dist-info"; os.makedirs(root, exist_ok=True)
+open(root + "/METADATA", "w").write("Metadata-Version: 2.1\nName: quantface-toolchain\nVersion: 0.0.0\n")
+open(root + "/entry_points.txt", "w").write("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in e.items()) + "\n" for g, e in ep.items()))
+EOF2
+  python3 -c "import importlib.metadata as m; assert m.entry_points(group='quantface.methods'), 'no entry points'" || exit 1
   python3 -c "import toolchain.compare, toolchain.methods, diffusers, stlpips_pytorch, jsonschema; print('imports ok')" || exit 1
   python3 - <<'EOF' || exit 1
 from pathlib import Path
