@@ -146,18 +146,13 @@ class LazyCalibration:
     checkpoint is cached, e.g. one made on a GPU host and rescored here, needs no calibration images)."""
 
     def __init__(self, root: Path, size: int):
-        self.root, self.size, self._batches = Path(root), size, None
-        manifest = self.root / "manifest.json"
-        if not manifest.is_file():
-            from toolchain.errors import InputError
-
-            raise InputError(f"{self.root} is not a calibration set (no manifest.json); build one with `toolchain calibrate`")
-        self.key = sha256_file(manifest)
-        self.count = int(json.loads(manifest.read_text()).get("count", 0))
+        self.set, self.size, self._batches = CalibrationSet.open(root), size, None  # the manifest only; InputError if not a set
+        self.key = sha256_file(self.set.root / "manifest.json")
+        self.count = len(self.set)
 
     def batches(self, limit: int | None = None) -> list[torch.Tensor]:
         if self._batches is None:
-            self._batches = CalibrationSet.open(self.root).batches(self.size, 4)
+            self._batches = self.set.batches(self.size, 4)
         return self._batches[:limit] if limit else self._batches
 
     def images(self, limit: int | None = None) -> int:
@@ -168,14 +163,9 @@ def run_comparison(spec: list[dict[str, Any]], model_path: Path, calib_dir: Path
                    device: torch.device, batch_size: int = 8, name: str = "compare") -> dict[str, Any]:
     fp = load_model(model_path).to(device)
     size = fp.image_size
-    for what, folder in (("--eval", eval_dir), ("--calib", calib_dir)):
-        if not Path(folder).is_dir():
-            from toolchain.errors import InputError
-
-            raise InputError(f"{what} folder {folder} does not exist; build one with `toolchain calibrate`")
-    calib = LazyCalibration(calib_dir, size)
-    keys = {"model": sha256_file(model_path), "calib": calib.key, "eval": sha256_file(Path(eval_dir) / "manifest.json")}
     ev = CalibrationSet.open(eval_dir)
+    calib = LazyCalibration(calib_dir, size)
+    keys = {"model": sha256_file(model_path), "calib": calib.key, "eval": sha256_file(ev.root / "manifest.json")}
     lq_batches, lq, hq = load_eval_set(ev, size, None, batch_size, getattr(fp.config, "upscale", 1))
     fp_out = to_8bit(restore_set(fp, lq_batches, device, "FP"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

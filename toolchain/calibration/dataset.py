@@ -172,6 +172,8 @@ class CalibrationSet:
     def open(cls, root: str | os.PathLike) -> "CalibrationSet":
         root = Path(root)
         mpath = root / "manifest.json"
+        if not root.is_dir():
+            raise InputError(f"{root} does not exist; build a calibration set there with `toolchain calibrate`")
         if not mpath.is_file():
             raise InputError(f"{root} is not a calibration set (no manifest.json); build one with `toolchain calibrate`")
         try:
